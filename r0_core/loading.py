@@ -1,0 +1,213 @@
+"""Load Stable-Diffusion-family pipelines from local files only: diffusers folders, single-file checkpoints
+(with configs this package bundles) and the built-in tiny world, all through one function, `load_pipeline`.
+
+Nothing here reaches a model hub: every call passes `local_files_only=True`, and single-file checkpoints are
+matched to a bundled config folder by their keys, so diffusers never asks the hub which model it is.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Optional
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+CONFIGS_DIR = os.path.join(PACKAGE_DIR, "configs")
+TINY_PIPELINE_DIR = os.path.join(PACKAGE_DIR, "tiny", "weights", "tiny-sd")
+TINY_CLIP_DIR = os.path.join(PACKAGE_DIR, "tiny", "weights", "tiny-clip")
+TINY = "tiny"  # the name that selects the built-in tiny world
+
+# model_index.json `_class_name` -> diffusers pipeline class name
+SUPPORTED_PIPELINES = {
+    "StableDiffusionPipeline": "StableDiffusionPipeline",
+    "StableDiffusionXLPipeline": "StableDiffusionXLPipeline",
+}
+
+
+class ModelLoadError(ValueError):
+    """A model file or folder is missing, corrupt, or of an architecture this package does not know."""
+
+
+def pick_device_dtype(device: Optional[str | torch.device] = None, dtype: Optional[torch.dtype] = None):
+    """fp32 on the CPU; bf16 on CUDA where the GPU supports it, else fp16; fp16 on Apple's MPS."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    device = torch.device(device)
+    if dtype is None:
+        if device.type == "cuda":
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        elif device.type == "mps":
+            dtype = torch.float16
+        else:
+            dtype = torch.float32
+    return device, dtype
+
+
+# ----------------------------------------------------------------------------------------------- folders
+
+def _check_folder(folder: str, components: bool = True) -> str:
+    """The pipeline class named by a diffusers folder, after checking each component's files exist."""
+    index_path = os.path.join(folder, "model_index.json")
+    if not os.path.isfile(index_path):
+        raise ModelLoadError(f"{index_path} not found: a diffusers pipeline folder needs model_index.json "
+                             f"beside unet/, vae/, text_encoder/, tokenizer/ and scheduler/")
+    try:
+        with open(index_path) as f:
+            index = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{index_path} is not valid JSON ({e}); re-copy the model folder") from e
+    class_name = index.get("_class_name")
+    if class_name not in SUPPORTED_PIPELINES:
+        raise ModelLoadError(f"{index_path} describes a {class_name!r}; expected one of "
+                             f"{sorted(SUPPORTED_PIPELINES)} (Stable Diffusion 1.x/2.x or SDXL)")
+    for component, spec in index.items():
+        if not components or component.startswith("_") or not isinstance(spec, list) or spec[0] is None:
+            continue
+        sub = os.path.join(folder, component)
+        if not os.path.isdir(sub) or not os.listdir(sub):
+            raise ModelLoadError(f"{sub} is missing or empty: model_index.json lists the component "
+                                 f"{component!r} ({spec[1]}); copy the whole pipeline folder")
+    return class_name
+
+
+def _load_folder(folder: str, device, dtype):
+    import diffusers
+
+    class_name = _check_folder(folder)
+    pipeline_class = getattr(diffusers, SUPPORTED_PIPELINES[class_name])
+    kwargs = {"safety_checker": None, "requires_safety_checker": False} if "XL" not in class_name else {}
+    try:
+        pipe = pipeline_class.from_pretrained(folder, local_files_only=True, torch_dtype=dtype, **kwargs)
+    except (OSError, EnvironmentError, ValueError, RuntimeError) as e:
+        raise ModelLoadError(f"could not load the diffusers folder {folder}: {e}") from e
+    return pipe.to(device)
+
+
+# ----------------------------------------------------------------------------------------------- single files
+
+def read_checkpoint(path: str) -> dict[str, torch.Tensor]:
+    """The state dict of a .safetensors file, or of a .ckpt/.pt/.pth/.bin file read with weights_only=True."""
+    if not os.path.isfile(path):
+        raise ModelLoadError(f"checkpoint {path} not found; expected a .safetensors file "
+                             f"(or .ckpt/.pt/.pth/.bin) in the model folder")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            return load_file(path)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        return state.get("state_dict", state)
+    except Exception as e:  # safetensors and pickle raise many types on damaged files
+        raise ModelLoadError(f"checkpoint {path} is unreadable or corrupt ({type(e).__name__}: {e}); "
+                             f"expected a complete .safetensors file: re-download or re-export it") from e
+
+
+def detect_architecture(state_dict: dict[str, torch.Tensor], path: str = "<state dict>") -> str:
+    """Which bundled config fits an original-layout (LDM) checkpoint: 'sd15', 'sd2', 'sdxl' or 'tiny'."""
+    if any(k.startswith("conditioner.embedders.") for k in state_dict):
+        return "sdxl"
+    if any(k.startswith("cond_stage_model.model.") for k in state_dict):
+        return "sd2"
+    embedding = state_dict.get("cond_stage_model.transformer.text_model.embeddings.token_embedding.weight")
+    if embedding is not None and any(k.startswith("model.diffusion_model.") for k in state_dict):
+        if embedding.shape[1] == 768:
+            return "sd15"
+        tiny_config = os.path.join(TINY_PIPELINE_DIR, "text_encoder", "config.json")
+        if os.path.isfile(tiny_config):
+            with open(tiny_config) as f:
+                tiny = json.load(f)
+            if list(embedding.shape) == [tiny["vocab_size"], tiny["hidden_size"]]:
+                return "tiny"
+    sample = ", ".join(sorted(state_dict)[:3])
+    raise ModelLoadError(f"checkpoint {path} has an unknown architecture (first keys: {sample}); expected a "
+                         f"Stable Diffusion 1.x, 2.x or SDXL checkpoint in the original single-file layout "
+                         f"(keys model.diffusion_model.*, first_stage_model.*, cond_stage_model.* or conditioner.*)")
+
+
+def _load_tokenizer(folder: Optional[str], architecture: str):
+    from transformers import CLIPTokenizer
+
+    has_files = folder is not None and (
+        os.path.isfile(os.path.join(folder, "tokenizer.json"))
+        or all(os.path.isfile(os.path.join(folder, f)) for f in ("vocab.json", "merges.txt")))
+    if not has_files:
+        # checked here because transformers turns a folder without vocabulary into a useless 2-token tokenizer
+        raise ModelLoadError(
+            f"a {architecture} single-file checkpoint holds no tokenizer; pass tokenizer_dir=<folder with the "
+            f"CLIP tokenizer files vocab.json + merges.txt (or tokenizer.json)>, for example the tokenizer/ "
+            f"folder of any diffusers SD pipeline or ComfyUI's comfy/sd1_tokenizer (got {folder!r})")
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"tokenizer folder {folder} has no readable CLIP tokenizer ({e})") from e
+    if len(tokenizer) != 49408:
+        raise ModelLoadError(f"tokenizer in {folder} has {len(tokenizer)} tokens; {architecture} needs CLIP's "
+                             f"49408-token vocabulary")
+    return tokenizer
+
+
+def _load_single_file(path: str, device, dtype, tokenizer_dir: Optional[str]):
+    import diffusers
+
+    architecture = detect_architecture(read_checkpoint(path), path)
+    if architecture == "tiny":
+        config, extra = TINY_PIPELINE_DIR, {}
+    else:
+        config = os.path.join(CONFIGS_DIR, architecture)
+        extra = {"tokenizer": _load_tokenizer(tokenizer_dir, architecture)}
+        if architecture == "sdxl":
+            extra["tokenizer_2"] = _load_tokenizer(tokenizer_dir, architecture)
+            extra["tokenizer_2"].pad_token = "!"  # SDXL's OpenCLIP tokenizer pads with "!"
+    class_name = _check_folder(config, components=architecture == "tiny")  # bundled configs hold no tokenizer
+    pipeline_class = getattr(diffusers, SUPPORTED_PIPELINES[class_name])
+    if "XL" not in class_name:
+        extra.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    try:
+        pipe = pipeline_class.from_single_file(path, config=config, local_files_only=True, torch_dtype=dtype,
+                                               **extra)
+    except (OSError, EnvironmentError, ValueError, RuntimeError, KeyError) as e:
+        raise ModelLoadError(f"could not build a {architecture} pipeline from {path} with the bundled config "
+                             f"{config}: {e}") from e
+    return pipe.to(device)
+
+
+# ----------------------------------------------------------------------------------------------- entry point
+
+def load_pipeline(path: str = TINY, *, device=None, dtype=None, tokenizer_dir: Optional[str] = None,
+                  prediction_type: Optional[str] = None):
+    """A diffusers Stable Diffusion (1.x/2.x) or SDXL pipeline from a local path, on `device` in `dtype`.
+
+    path: "tiny" for the built-in tiny world, a diffusers pipeline folder (with model_index.json), or a
+    single-file checkpoint in the original layout (.safetensors, or .ckpt read with weights_only=True).
+    tokenizer_dir: for single-file SD checkpoints, a folder with CLIP's tokenizer files (they are not inside).
+    device, dtype: default to `pick_device_dtype()`.
+    prediction_type: override what the scheduler config says ("epsilon" or "v_prediction"); single-file SD 2.x
+    checkpoints are assumed to be 768-v models, so pass "epsilon" for the 512-px base ones.
+    """
+    pipe = _load(path, device, dtype, tokenizer_dir)
+    if prediction_type is not None:
+        if prediction_type not in ("epsilon", "v_prediction", "sample"):
+            raise ValueError(f"prediction_type={prediction_type!r}; expected 'epsilon', 'v_prediction' or 'sample'")
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type=prediction_type)
+    return pipe
+
+
+def _load(path, device, dtype, tokenizer_dir):
+    device, dtype = pick_device_dtype(device, dtype)
+    if path == TINY:
+        path = TINY_PIPELINE_DIR
+        if not os.path.isdir(path):
+            raise ModelLoadError(f"the built-in tiny model is missing at {path}; reinstall the package or "
+                                 f"rebuild it with `python -m r0_core.tiny.build`")
+    if os.path.isdir(path):
+        return _load_folder(path, device, dtype)
+    if os.path.splitext(path)[1].lower() in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):
+        return _load_single_file(path, device, dtype, tokenizer_dir)
+    if not os.path.exists(path):
+        raise ModelLoadError(f"model path {path} not found; expected 'tiny', a diffusers folder with "
+                             f"model_index.json, or a .safetensors checkpoint")
+    raise ModelLoadError(f"model path {path} is neither a diffusers folder nor a checkpoint file; expected a "
+                         f"folder with model_index.json or a .safetensors/.ckpt file")
