@@ -1,0 +1,291 @@
+"""Build the tiny world's weights from a seed on a CPU: `python -m r0_core.tiny.build`.
+
+Stages, each resumable from its last checkpoint under --work (rerun the same command after a stop):
+  1. data   seeded images and captions of the world
+  2. vae    AutoencoderKL, 32x32x3 pixels <-> 16x16x4 latents
+  3. clip   CLIPModel trained contrastively; its text tower becomes the pipeline's frozen text encoder
+  4. unet   UNet2DConditionModel, v-prediction on the VAE latents, EMA weights
+  5. save   the pipeline as a diffusers folder (tiny-sd) and the reward CLIP (tiny-clip) under --out
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from . import models, world
+
+
+@dataclasses.dataclass
+class BuildConfig:
+    seed: int = 0
+    num_images: int = 100_000     # distinct training images; the UNet sees each about twice
+    vae_steps: int = 800
+    vae_batch: int = 32
+    vae_lr: float = 1e-3
+    vae_kl_weight: float = 1e-6   # as in SD: latents only need to stay smooth, not Gaussian
+    clip_steps: int = 500
+    clip_batch: int = 128
+    clip_lr: float = 5e-4
+    unet_steps: int = 4500
+    unet_batch: int = 32
+    unet_lr: float = 3e-4
+    unet_warmup: int = 300
+    ema_decay: float = 0.999
+    caption_dropout: float = 0.1  # empty captions, so classifier-free guidance works
+    checkpoint_every: int = 250
+    threads: int = 2
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+def atomic_save(obj, path: str) -> None:
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str):
+    return torch.load(path, weights_only=False) if os.path.exists(path) else None  # our own files only
+
+
+def cosine_lr(step: int, total: int, warmup: int, peak: float) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(total - warmup, 1)
+    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def to_model_range(images_uint8: np.ndarray) -> torch.Tensor:
+    """uint8 [N, H, W, 3] -> float [N, 3, H, W] in [-1, 1], the range SD's VAE works in."""
+    return torch.from_numpy(images_uint8).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def train_loop(name, model_params, step_fn, steps, lr_fn, ckpt_path, state, save_state, every):
+    """A plain resumable loop: restore, then step -> log -> checkpoint. `step_fn(step)` returns the loss."""
+    opt = torch.optim.AdamW(model_params, lr=lr_fn(0), weight_decay=0.0)
+    ckpt = load_checkpoint(ckpt_path)
+    start = 0
+    if ckpt is not None:
+        state(ckpt)
+        opt.load_state_dict(ckpt["optimizer"])
+        start = ckpt["step"]
+    bar = tqdm(range(start, steps), desc=name, initial=start, total=steps)
+    ema_loss = None
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr_fn(step)
+        loss = step_fn(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
+        opt.step()
+        ema_loss = loss.item() if ema_loss is None else 0.98 * ema_loss + 0.02 * loss.item()
+        bar.set_postfix(loss=f"{ema_loss:.4f}", lr=f"{lr_fn(step):.1e}")
+        if (step + 1) % every == 0 or step + 1 == steps:
+            atomic_save({**save_state(), "optimizer": opt.state_dict(), "step": step + 1}, ckpt_path)
+
+
+# ----------------------------------------------------------------------------------------------- stages
+
+def build_data(cfg: BuildConfig, work: str):
+    path = os.path.join(work, "data.npz")
+    if not os.path.exists(path):
+        chunks, texts = [], []
+        for i in tqdm(range(0, cfg.num_images, 1000), desc="data"):
+            images, caps = world.sample_batch(seed=cfg.seed * 1_000_003 + i, n=min(1000, cfg.num_images - i))
+            chunks.append(images)
+            texts += caps
+        np.savez(path + ".tmp.npz", images=np.concatenate(chunks), captions=np.array(texts))
+        os.replace(path + ".tmp.npz", path)
+    data = np.load(path)
+    return data["images"], [str(c) for c in data["captions"]]
+
+
+def build_vae(cfg: BuildConfig, work: str, images: np.ndarray):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(cfg.seed)
+    vae = AutoencoderKL(**models.VAE_CONFIG)
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+
+    def step_fn(step):
+        idx = torch.randint(0, len(images), (cfg.vae_batch,), generator=gen).numpy()
+        x = to_model_range(images[idx])
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample(generator=gen)).sample
+        # L1 keeps edges sharp; the small L2 term settles flat colours
+        return F.l1_loss(recon, x) + F.mse_loss(recon, x) + cfg.vae_kl_weight * posterior.kl().mean()
+
+    train_loop("vae", vae.parameters(), step_fn, cfg.vae_steps,
+               lambda s: cosine_lr(s, cfg.vae_steps, 100, cfg.vae_lr), os.path.join(work, "vae.pt"),
+               lambda c: vae.load_state_dict(c["model"]), lambda: {"model": vae.state_dict()}, cfg.checkpoint_every)
+    vae.eval().requires_grad_(False)
+    # SD's convention: latents are multiplied by scaling_factor so that they have unit variance
+    with torch.no_grad():
+        sample = vae.encode(to_model_range(images[:2000])).latent_dist.mean
+    vae.register_to_config(scaling_factor=float(1.0 / sample.std()))
+    return vae
+
+
+def clip_config(vocab_size: int):
+    from transformers import CLIPConfig
+
+    text = dict(models.TEXT_CONFIG, vocab_size=vocab_size, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    return CLIPConfig(text_config=text, vision_config=models.VISION_CONFIG,
+                      projection_dim=models.TEXT_CONFIG["projection_dim"])
+
+
+def build_clip(cfg: BuildConfig, work: str, images: np.ndarray, captions: list[str], tokenizer):
+    from transformers import CLIPModel
+
+    torch.manual_seed(cfg.seed + 2)
+    clip = CLIPModel(clip_config(len(tokenizer)))
+    unique = sorted(set(captions))
+    caption_index = {c: i for i, c in enumerate(unique)}
+    ids = tokenizer(unique, padding="max_length", max_length=models.MAX_TOKENS, return_tensors="pt").input_ids
+    labels = np.array([caption_index[c] for c in captions])
+    gen = torch.Generator().manual_seed(cfg.seed + 3)
+
+    def step_fn(step):
+        idx = torch.randint(0, len(images), (cfg.clip_batch,), generator=gen).numpy()
+        pixels = to_model_range(images[idx])  # CLIP normalisation with mean = std = 0.5
+        lab = torch.from_numpy(labels[idx])
+        out = clip(input_ids=ids[lab], pixel_values=pixels)
+        # several images in a batch can share a caption: every matching pair is a positive
+        same = (lab[:, None] == lab[None, :]).float()
+        targets = same / same.sum(1, keepdim=True)
+        return 0.5 * (torch.sum(-targets * F.log_softmax(out.logits_per_image, 1), 1).mean()
+                      + torch.sum(-targets * F.log_softmax(out.logits_per_text, 1), 1).mean())
+
+    train_loop("clip", clip.parameters(), step_fn, cfg.clip_steps,
+               lambda s: cosine_lr(s, cfg.clip_steps, 50, cfg.clip_lr), os.path.join(work, "clip.pt"),
+               lambda c: clip.load_state_dict(c["model"]), lambda: {"model": clip.state_dict()},
+               cfg.checkpoint_every)
+    return clip.eval().requires_grad_(False)
+
+
+def encode_prompts(text_encoder, tokenizer, prompts: list[str]) -> torch.Tensor:
+    ids = tokenizer(prompts, padding="max_length", max_length=models.MAX_TOKENS, truncation=True,
+                    return_tensors="pt").input_ids
+    with torch.no_grad():
+        return text_encoder(ids).last_hidden_state
+
+
+def build_unet(cfg: BuildConfig, work: str, images, captions, vae, text_encoder, tokenizer, scheduler):
+    from diffusers import UNet2DConditionModel
+    from diffusers.training_utils import EMAModel
+
+    latents_path = os.path.join(work, "latents.pt")
+    if not os.path.exists(latents_path):
+        with torch.no_grad():
+            moments = torch.cat([vae.encode(to_model_range(images[i:i + 500])).latent_dist.parameters
+                                 for i in tqdm(range(0, len(images), 500), desc="latents")])
+        atomic_save(moments, latents_path)
+    moments = torch.load(latents_path, weights_only=True)
+    mean, logvar = moments.chunk(2, dim=1)
+    std = torch.exp(0.5 * logvar.clamp(-30, 20))
+
+    unique = sorted(set(captions)) + [""]
+    caption_index = {c: i for i, c in enumerate(unique)}
+    labels = torch.tensor([caption_index[c] for c in captions])
+    embeddings = encode_prompts(text_encoder, tokenizer, unique)   # frozen text encoder: embed each caption once
+    empty = len(unique) - 1
+
+    torch.manual_seed(cfg.seed + 4)
+    unet = UNet2DConditionModel(**models.UNET_CONFIG)
+    ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=0.75)
+    alphas_cumprod = scheduler.alphas_cumprod
+    gen = torch.Generator().manual_seed(cfg.seed + 5)
+
+    def step_fn(step):
+        idx = torch.randint(0, len(labels), (cfg.unet_batch,), generator=gen)
+        x0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * vae.config.scaling_factor
+        lab = torch.where(torch.rand(len(idx), generator=gen) < cfg.caption_dropout, empty, labels[idx])
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),), generator=gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        a = alphas_cumprod[t].sqrt()[:, None, None, None]
+        s = (1 - alphas_cumprod[t]).sqrt()[:, None, None, None]
+        v_target = a * noise - s * x0                          # v = α ε − σ x0
+        v_pred = unet(a * x0 + s * noise, t, embeddings[lab]).sample
+        if step > 0:
+            ema.step(unet.parameters())
+        return F.mse_loss(v_pred, v_target)
+
+    def restore(c):
+        unet.load_state_dict(c["model"])
+        ema.load_state_dict(c["ema"])
+
+    train_loop("unet", unet.parameters(), step_fn, cfg.unet_steps,
+               lambda s: cosine_lr(s, cfg.unet_steps, cfg.unet_warmup, cfg.unet_lr), os.path.join(work, "unet.pt"),
+               restore, lambda: {"model": unet.state_dict(), "ema": ema.state_dict()}, cfg.checkpoint_every)
+    ema.copy_to(unet.parameters())
+    return unet.eval().requires_grad_(False)
+
+
+def save_world(out: str, vae, clip, tokenizer, unet, scheduler, cfg: BuildConfig, seconds: float):
+    """Write tiny-sd (a StableDiffusionPipeline folder) and tiny-clip (a CLIPModel folder) atomically."""
+    import shutil
+
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPImageProcessor, CLIPTextModel
+
+    text_encoder = CLIPTextModel(clip.config.text_config)
+    text_encoder.load_state_dict(clip.text_model.state_dict())
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                                   image_mean=[0.5] * 3, image_std=[0.5] * 3, do_convert_rgb=True)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    os.makedirs(out, exist_ok=True)
+    for name, save in (("tiny-sd", pipe.save_pretrained), ("tiny-clip", None)):
+        final, tmp = os.path.join(out, name), os.path.join(out, name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        if save is not None:
+            save(tmp, safe_serialization=True)
+        else:
+            clip.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            processor.save_pretrained(tmp)
+        with open(os.path.join(tmp, "build_info.json"), "w") as f:
+            json.dump({"build_config": dataclasses.asdict(cfg), "build_seconds": round(seconds)}, f, indent=1)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "weights"),
+                        help="where tiny-sd/ and tiny-clip/ are written (default: the shipped location)")
+    parser.add_argument("--work", default="build/tiny", help="data and resumable checkpoints")
+    for field in dataclasses.fields(BuildConfig):
+        parser.add_argument(f"--{field.name.replace('_', '-')}", type=field.type if callable(field.type)
+                            else type(field.default), default=field.default)
+    args = parser.parse_args(argv)
+    cfg = BuildConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BuildConfig)})
+    torch.set_num_threads(cfg.threads)
+    os.makedirs(args.work, exist_ok=True)
+    started = time.time()
+
+    from diffusers import DDIMScheduler
+
+    images, captions = build_data(cfg, args.work)
+    tokenizer = models.build_tokenizer(os.path.join(args.work, "tokenizer"))
+    vae = build_vae(cfg, args.work, images)
+    clip = build_clip(cfg, args.work, images, captions, tokenizer)
+    scheduler = DDIMScheduler(**models.SCHEDULER_CONFIG)
+    unet = build_unet(cfg, args.work, images, captions, vae, clip.text_model, tokenizer, scheduler)
+    save_world(args.out, vae, clip, tokenizer, unet, scheduler, cfg, time.time() - started)
+    print(f"built the tiny world in {(time.time() - started) / 60:.1f} min -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
