@@ -65,6 +65,16 @@ def _has_attn(block) -> bool:
     return bool(getattr(block, "attentions", None))
 
 
+def _number_entries(p: dict, name: str, block, original: str, n: int) -> int:
+    """Map a block's (resnet[, attention]) pairs to consecutive `original.n` entries; returns the next n."""
+    for i in range(len(block.resnets)):
+        p[f"{name}.resnets.{i}."] = (f"{original}.{n}.0.", _UNET_RESNET)
+        if _has_attn(block):
+            p[f"{name}.attentions.{i}."] = (f"{original}.{n}.1.", None)
+        n += 1
+    return n
+
+
 def unet_to_original(unet) -> dict[str, torch.Tensor]:
     """UNet2DConditionModel -> ``model.diffusion_model.*`` keys."""
     p: dict[str, tuple[str, dict | None]] = {
@@ -77,11 +87,7 @@ def unet_to_original(unet) -> dict[str, torch.Tensor]:
     # input_blocks: one entry per (resnet[, attention]) pair, then one per downsampler.
     n = 1
     for b, block in enumerate(unet.down_blocks):
-        for i in range(len(block.resnets)):
-            p[f"down_blocks.{b}.resnets.{i}."] = (f"input_blocks.{n}.0.", _UNET_RESNET)
-            if _has_attn(block):
-                p[f"down_blocks.{b}.attentions.{i}."] = (f"input_blocks.{n}.1.", None)
-            n += 1
+        n = _number_entries(p, f"down_blocks.{b}", block, "input_blocks", n)
         if block.downsamplers:
             p[f"down_blocks.{b}.downsamplers.0.conv."] = (f"input_blocks.{n}.0.op.", None)
             n += 1
@@ -96,11 +102,7 @@ def unet_to_original(unet) -> dict[str, torch.Tensor]:
     # output_blocks: the upsampler lives inside the block's last entry, after the attention.
     n = 0
     for b, block in enumerate(unet.up_blocks):
-        for i in range(len(block.resnets)):
-            p[f"up_blocks.{b}.resnets.{i}."] = (f"output_blocks.{n}.0.", _UNET_RESNET)
-            if _has_attn(block):
-                p[f"up_blocks.{b}.attentions.{i}."] = (f"output_blocks.{n}.1.", None)
-            n += 1
+        n = _number_entries(p, f"up_blocks.{b}", block, "output_blocks", n)
         if block.upsamplers:
             slot = 2 if _has_attn(block) else 1
             p[f"up_blocks.{b}.upsamplers.0.conv."] = (f"output_blocks.{n - 1}.{slot}.conv.", None)

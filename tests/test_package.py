@@ -7,6 +7,7 @@ import pathlib
 import sys
 import tomllib
 
+import pytest
 import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -58,14 +59,34 @@ def test_shipped_weights_are_small_safetensors():
     assert sum(p.stat().st_size for p in files) < 60 * 2 ** 20
 
 
-def test_build_command_is_seeded_and_its_output_loads(tmp_path):
+def test_build_command_is_seeded_and_resumes_exactly(tmp_path, monkeypatch):
     from r0_core.loading import load_pipeline
     from r0_core.tiny import build
 
-    small = ["--num-images", "200", "--vae-steps", "2", "--clip-steps", "2", "--unet-steps", "2",
-             "--vae-batch", "4", "--clip-batch", "8", "--unet-batch", "4", "--threads", "1"]
-    for run in ("a", "b"):
-        build.main(["--out", str(tmp_path / run / "out"), "--work", str(tmp_path / run / "work"), *small])
+    small = ["--num-images", "200", "--vae-steps", "4", "--clip-steps", "2", "--unet-steps", "2",
+             "--vae-batch", "4", "--clip-batch", "8", "--unet-batch", "4", "--threads", "1",
+             "--checkpoint-every", "2"]
+    build.main(["--out", str(tmp_path / "a" / "out"), "--work", str(tmp_path / "a" / "work"), *small])
+
+    # run b stops after the VAE's second step (as Ctrl-C would), then the same command resumes it
+    real_tqdm = build.tqdm
+
+    def stop_after_two(iterable, **kwargs):
+        bar = real_tqdm(iterable, **kwargs)
+        if kwargs.get("desc") == "vae":
+            def two_steps_then_interrupt():
+                yield from list(iterable)[:2]
+                raise KeyboardInterrupt
+            bar.iterable = two_steps_then_interrupt()
+        return bar
+
+    monkeypatch.setattr(build, "tqdm", stop_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        build.main(["--out", str(tmp_path / "b" / "out"), "--work", str(tmp_path / "b" / "work"), *small])
+    assert torch.load(tmp_path / "b" / "work" / "vae.pt", weights_only=False)["step"] == 2
+    monkeypatch.setattr(build, "tqdm", real_tqdm)
+    build.main(["--out", str(tmp_path / "b" / "out"), "--work", str(tmp_path / "b" / "work"), *small])
+
     for component in ("unet", "vae", "text_encoder"):
         folder_a, folder_b = (tmp_path / run / "out" / "tiny-sd" / component for run in ("a", "b"))
         file = next(f for f in os.listdir(folder_a) if f.endswith(".safetensors"))
@@ -73,6 +94,3 @@ def test_build_command_is_seeded_and_its_output_loads(tmp_path):
     pipe = load_pipeline(str(tmp_path / "a" / "out" / "tiny-sd"))
     assert pipe.unet.config.in_channels == 4 and pipe.vae.config.scaling_factor > 0
     assert not any(p.name.endswith(".tmp") for p in (tmp_path / "a" / "out").iterdir())
-    # a rerun resumes: every stage finds its finished checkpoint and does no training
-    checkpoint = torch.load(tmp_path / "a" / "work" / "unet.pt", weights_only=False)
-    assert checkpoint["step"] == 2

@@ -69,8 +69,9 @@ def to_model_range(images_uint8: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images_uint8).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
-def train_loop(name, model_params, step_fn, steps, lr_fn, ckpt_path, state, save_state, every):
-    """A plain resumable loop: restore, then step -> log -> checkpoint. `step_fn(step)` returns the loss."""
+def train_loop(name, model_params, step_fn, steps, lr_fn, ckpt_path, state, save_state, every, gen):
+    """A plain resumable loop: restore, then step -> log -> checkpoint. `step_fn(step)` returns the loss and
+    draws all its randomness from `gen`, whose state is checkpointed so a resumed run matches an unbroken one."""
     opt = torch.optim.AdamW(model_params, lr=lr_fn(0), weight_decay=0.0)
     ckpt = load_checkpoint(ckpt_path)
     start = 0
@@ -78,6 +79,8 @@ def train_loop(name, model_params, step_fn, steps, lr_fn, ckpt_path, state, save
         state(ckpt)
         opt.load_state_dict(ckpt["optimizer"])
         start = ckpt["step"]
+        if "generator" in ckpt:
+            gen.set_state(ckpt["generator"])
     bar = tqdm(range(start, steps), desc=name, initial=start, total=steps)
     ema_loss = None
     for step in bar:
@@ -91,7 +94,8 @@ def train_loop(name, model_params, step_fn, steps, lr_fn, ckpt_path, state, save
         ema_loss = loss.item() if ema_loss is None else 0.98 * ema_loss + 0.02 * loss.item()
         bar.set_postfix(loss=f"{ema_loss:.4f}", lr=f"{lr_fn(step):.1e}")
         if (step + 1) % every == 0 or step + 1 == steps:
-            atomic_save({**save_state(), "optimizer": opt.state_dict(), "step": step + 1}, ckpt_path)
+            atomic_save({**save_state(), "optimizer": opt.state_dict(), "step": step + 1,
+                         "generator": gen.get_state()}, ckpt_path)
 
 
 # ----------------------------------------------------------------------------------------------- stages
@@ -127,7 +131,8 @@ def build_vae(cfg: BuildConfig, work: str, images: np.ndarray):
 
     train_loop("vae", vae.parameters(), step_fn, cfg.vae_steps,
                lambda s: cosine_lr(s, cfg.vae_steps, 100, cfg.vae_lr), os.path.join(work, "vae.pt"),
-               lambda c: vae.load_state_dict(c["model"]), lambda: {"model": vae.state_dict()}, cfg.checkpoint_every)
+               lambda c: vae.load_state_dict(c["model"]), lambda: {"model": vae.state_dict()},
+               cfg.checkpoint_every, gen)
     vae.eval().requires_grad_(False)
     # SD's convention: latents are multiplied by scaling_factor so that they have unit variance
     with torch.no_grad():
@@ -169,7 +174,7 @@ def build_clip(cfg: BuildConfig, work: str, images: np.ndarray, captions: list[s
     train_loop("clip", clip.parameters(), step_fn, cfg.clip_steps,
                lambda s: cosine_lr(s, cfg.clip_steps, 50, cfg.clip_lr), os.path.join(work, "clip.pt"),
                lambda c: clip.load_state_dict(c["model"]), lambda: {"model": clip.state_dict()},
-               cfg.checkpoint_every)
+               cfg.checkpoint_every, gen)
     return clip.eval().requires_grad_(False)
 
 
@@ -187,12 +192,12 @@ def build_unet(cfg: BuildConfig, work: str, images, captions, vae, text_encoder,
     latents_path = os.path.join(work, "latents.pt")
     if not os.path.exists(latents_path):
         with torch.no_grad():
-            moments = torch.cat([vae.encode(to_model_range(images[i:i + 500])).latent_dist.parameters
-                                 for i in tqdm(range(0, len(images), 500), desc="latents")])
-        atomic_save(moments, latents_path)
-    moments = torch.load(latents_path, weights_only=True)
-    mean, logvar = moments.chunk(2, dim=1)
-    std = torch.exp(0.5 * logvar.clamp(-30, 20))
+            means = torch.cat([vae.encode(to_model_range(images[i:i + 500])).latent_dist.mean
+                               for i in tqdm(range(0, len(images), 500), desc="latents")])
+        atomic_save(means, latents_path)
+    # Train on the posterior means: the tiny VAE's posterior noise is large next to its signal, and the
+    # decoder (trained on posterior samples) decodes the means cleanly, so the UNet gets crisp targets.
+    latents = torch.load(latents_path, weights_only=True) * vae.config.scaling_factor
 
     unique = sorted(set(captions)) + [""]
     caption_index = {c: i for i, c in enumerate(unique)}
@@ -208,7 +213,7 @@ def build_unet(cfg: BuildConfig, work: str, images, captions, vae, text_encoder,
 
     def step_fn(step):
         idx = torch.randint(0, len(labels), (cfg.unet_batch,), generator=gen)
-        x0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * vae.config.scaling_factor
+        x0 = latents[idx]
         lab = torch.where(torch.rand(len(idx), generator=gen) < cfg.caption_dropout, empty, labels[idx])
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
@@ -226,7 +231,8 @@ def build_unet(cfg: BuildConfig, work: str, images, captions, vae, text_encoder,
 
     train_loop("unet", unet.parameters(), step_fn, cfg.unet_steps,
                lambda s: cosine_lr(s, cfg.unet_steps, cfg.unet_warmup, cfg.unet_lr), os.path.join(work, "unet.pt"),
-               restore, lambda: {"model": unet.state_dict(), "ema": ema.state_dict()}, cfg.checkpoint_every)
+               restore, lambda: {"model": unet.state_dict(), "ema": ema.state_dict()},
+               cfg.checkpoint_every, gen)
     ema.copy_to(unet.parameters())
     return unet.eval().requires_grad_(False)
 
