@@ -83,7 +83,7 @@ def test_build_command_is_seeded_and_resumes_exactly(tmp_path, monkeypatch):
     monkeypatch.setattr(build, "tqdm", stop_after_two)
     with pytest.raises(KeyboardInterrupt):
         build.main(["--out", str(tmp_path / "b" / "out"), "--work", str(tmp_path / "b" / "work"), *small])
-    assert torch.load(tmp_path / "b" / "work" / "vae.pt", weights_only=False)["step"] == 2
+    assert torch.load(tmp_path / "b" / "work" / "vae.pt", weights_only=True)["step"] == 2
     monkeypatch.setattr(build, "tqdm", real_tqdm)
     build.main(["--out", str(tmp_path / "b" / "out"), "--work", str(tmp_path / "b" / "work"), *small])
 

@@ -23,16 +23,25 @@ def eval_prompts(kind: str, n: int, seed: int = 0, held_out: bool = True) -> lis
 
 def sample_images(pipe, prompts: list[str], *, steps: int, guidance: float, seed: int = 0, batch_size: int = 64,
                   progress: bool = True) -> np.ndarray:
-    """Images [N, H, W, 3] in [0, 1] from a diffusers SD pipeline; image i uses the generator seeded seed + i,
-    so an image does not depend on its batch."""
+    """Images [N, H, W, 3] in [0, 1] from a diffusers SD pipeline; image i starts from noise seeded
+    seed + i, so its noise does not depend on the batch it falls in."""
     pipe.set_progress_bar_config(disable=True)
+    batches = range(0, len(prompts), batch_size)
+    bar = tqdm(total=len(batches) * steps, desc=f"{steps}-step sampling", unit="step", disable=not progress)
+
+    def on_step_end(pipeline, step, timestep, kwargs):
+        bar.update(1)
+        return kwargs
+
     out = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc=f"{steps}-step sampling", disable=not progress):
+    for start in batches:
         chunk = prompts[start:start + batch_size]
         generators = [torch.Generator("cpu").manual_seed(seed + start + i) for i in range(len(chunk))]
         result = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, generator=generators,
-                      height=world.IMAGE_SIZE, width=world.IMAGE_SIZE, output_type="np")
+                      height=world.IMAGE_SIZE, width=world.IMAGE_SIZE, output_type="np",
+                      callback_on_step_end=on_step_end)
         out.append(result.images)
+    bar.close()
     return np.concatenate(out)
 
 
