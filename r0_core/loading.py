@@ -82,7 +82,7 @@ def _load_folder(folder: str, device, dtype):
     kwargs = {"safety_checker": None, "requires_safety_checker": False} if "XL" not in class_name else {}
     try:
         pipe = pipeline_class.from_pretrained(folder, local_files_only=True, torch_dtype=dtype, **kwargs)
-    except (OSError, EnvironmentError, ValueError, RuntimeError) as e:
+    except (OSError, ValueError, RuntimeError) as e:
         raise ModelLoadError(f"could not load the diffusers folder {folder}: {e}") from e
     return pipe.to(device)
 
@@ -91,9 +91,7 @@ def _load_folder(folder: str, device, dtype):
 
 def read_checkpoint(path: str) -> dict[str, torch.Tensor]:
     """The state dict of a .safetensors file, or of a .ckpt/.pt/.pth/.bin file read with weights_only=True."""
-    if not os.path.isfile(path):
-        raise ModelLoadError(f"checkpoint {path} not found; expected a .safetensors file "
-                             f"(or .ckpt/.pt/.pth/.bin) in the model folder")
+    _require_file(path)
     try:
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
@@ -101,27 +99,51 @@ def read_checkpoint(path: str) -> dict[str, torch.Tensor]:
         state = torch.load(path, map_location="cpu", weights_only=True)
         return state.get("state_dict", state)
     except Exception as e:  # safetensors and pickle raise many types on damaged files
-        raise ModelLoadError(f"checkpoint {path} is unreadable or corrupt ({type(e).__name__}: {e}); "
-                             f"expected a complete .safetensors file: re-download or re-export it") from e
+        raise _corrupt(path, e) from e
 
 
-def detect_architecture(state_dict: dict[str, torch.Tensor], path: str = "<state dict>") -> str:
-    """Which bundled config fits an original-layout (LDM) checkpoint: 'sd15', 'sd2', 'sdxl' or 'tiny'."""
-    if any(k.startswith("conditioner.embedders.") for k in state_dict):
+def checkpoint_shapes(path: str) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of a checkpoint; for safetensors read from the header alone, without loading tensors."""
+    if not path.endswith(".safetensors"):
+        return {k: tuple(v.shape) for k, v in read_checkpoint(path).items() if hasattr(v, "shape")}
+    _require_file(path)
+    try:
+        from safetensors import safe_open
+        with safe_open(path, framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:
+        raise _corrupt(path, e) from e
+
+
+def _require_file(path: str) -> None:
+    if not os.path.isfile(path):
+        raise ModelLoadError(f"checkpoint {path} not found; expected a .safetensors file "
+                             f"(or .ckpt/.pt/.pth/.bin) in the model folder")
+
+
+def _corrupt(path: str, error: Exception) -> ModelLoadError:
+    return ModelLoadError(f"checkpoint {path} is unreadable or corrupt ({type(error).__name__}: {error}); "
+                          f"expected a complete .safetensors file: re-download or re-export it")
+
+
+def detect_architecture(shapes: dict[str, tuple[int, ...]], path: str = "<state dict>") -> str:
+    """Which bundled config fits an original-layout (LDM) checkpoint, from its keys and shapes:
+    'sd15', 'sd2', 'sdxl' or 'tiny'."""
+    if any(k.startswith("conditioner.embedders.") for k in shapes):
         return "sdxl"
-    if any(k.startswith("cond_stage_model.model.") for k in state_dict):
+    if any(k.startswith("cond_stage_model.model.") for k in shapes):
         return "sd2"
-    embedding = state_dict.get("cond_stage_model.transformer.text_model.embeddings.token_embedding.weight")
-    if embedding is not None and any(k.startswith("model.diffusion_model.") for k in state_dict):
-        if embedding.shape[1] == 768:
+    embedding = shapes.get("cond_stage_model.transformer.text_model.embeddings.token_embedding.weight")
+    if embedding is not None and any(k.startswith("model.diffusion_model.") for k in shapes):
+        if embedding[1] == 768:
             return "sd15"
         tiny_config = os.path.join(TINY_PIPELINE_DIR, "text_encoder", "config.json")
         if os.path.isfile(tiny_config):
             with open(tiny_config) as f:
                 tiny = json.load(f)
-            if list(embedding.shape) == [tiny["vocab_size"], tiny["hidden_size"]]:
+            if tuple(embedding) == (tiny["vocab_size"], tiny["hidden_size"]):
                 return "tiny"
-    sample = ", ".join(sorted(state_dict)[:3])
+    sample = ", ".join(sorted(shapes)[:3])
     raise ModelLoadError(f"checkpoint {path} has an unknown architecture (first keys: {sample}); expected a "
                          f"Stable Diffusion 1.x, 2.x or SDXL checkpoint in the original single-file layout "
                          f"(keys model.diffusion_model.*, first_stage_model.*, cond_stage_model.* or conditioner.*)")
@@ -152,7 +174,7 @@ def _load_tokenizer(folder: Optional[str], architecture: str):
 def _load_single_file(path: str, device, dtype, tokenizer_dir: Optional[str]):
     import diffusers
 
-    architecture = detect_architecture(read_checkpoint(path), path)
+    architecture = detect_architecture(checkpoint_shapes(path), path)
     if architecture == "tiny":
         config, extra = TINY_PIPELINE_DIR, {}
     else:
@@ -168,7 +190,7 @@ def _load_single_file(path: str, device, dtype, tokenizer_dir: Optional[str]):
     try:
         pipe = pipeline_class.from_single_file(path, config=config, local_files_only=True, torch_dtype=dtype,
                                                **extra)
-    except (OSError, EnvironmentError, ValueError, RuntimeError, KeyError) as e:
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
         raise ModelLoadError(f"could not build a {architecture} pipeline from {path} with the bundled config "
                              f"{config}: {e}") from e
     return pipe.to(device)

@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import save_file
 
 from r0_core import convert
-from r0_core.loading import (TINY, TINY_PIPELINE_DIR, ModelLoadError, detect_architecture, load_pipeline,
-                             pick_device_dtype, read_checkpoint)
+from r0_core.loading import (TINY, TINY_PIPELINE_DIR, ModelLoadError, checkpoint_shapes, detect_architecture,
+                             load_pipeline, pick_device_dtype, read_checkpoint)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,8 @@ def test_device_and_dtype_choice():
 
 def test_original_single_file_layout_loads_through_the_same_function(tiny, tmp_path):
     path = convert.save_original_checkpoint(tiny, tmp_path / "tiny.safetensors")
-    keys = read_checkpoint(str(path)).keys()
+    keys = checkpoint_shapes(str(path)).keys()
+    assert keys == read_checkpoint(str(path)).keys()
     assert any(k.startswith("model.diffusion_model.input_blocks.") for k in keys)
     assert any(k.startswith("first_stage_model.decoder.up.") for k in keys)
     assert any(k.startswith("cond_stage_model.transformer.text_model.") for k in keys)
@@ -59,14 +60,13 @@ def test_original_single_file_layout_loads_through_the_same_function(tiny, tmp_p
 
 
 def test_architecture_is_detected_from_keys():
-    meta = lambda *shape: torch.empty(shape, device="meta")  # noqa: E731 - shapes only, no memory
-    unet = {"model.diffusion_model.input_blocks.0.0.weight": meta(320, 4, 3, 3)}
-    sd15 = {**unet, "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": meta(49408, 768)}
-    sd2 = {**unet, "cond_stage_model.model.token_embedding.weight": meta(49408, 1024)}
-    sdxl = {**unet, "conditioner.embedders.1.model.token_embedding.weight": meta(49408, 1280)}
+    unet = {"model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3)}
+    sd15 = {**unet, "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": (49408, 768)}
+    sd2 = {**unet, "cond_stage_model.model.token_embedding.weight": (49408, 1024)}
+    sdxl = {**unet, "conditioner.embedders.1.model.token_embedding.weight": (49408, 1280)}
     assert [detect_architecture(d) for d in (sd15, sd2, sdxl)] == ["sd15", "sd2", "sdxl"]
     with pytest.raises(ModelLoadError, match="unknown architecture"):
-        detect_architecture({"encoder.layer.0.weight": meta(3, 3)}, "bert.safetensors")
+        detect_architecture({"encoder.layer.0.weight": (3, 3)}, "bert.safetensors")
 
 
 def test_missing_paths_name_what_was_expected(tmp_path):
