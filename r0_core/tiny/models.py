@@ -42,7 +42,8 @@ UNET_CONFIG = dict(
 # and "trailing" spacing starts few-step sampling at t=999.
 SCHEDULER_CONFIG = dict(
     num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction",
-    timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=False, steps_offset=0,
+    timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=False,
+    steps_offset=1,  # as in SD's configs; only "leading" spacing uses it
 )
 
 

@@ -1,0 +1,51 @@
+"""Few-step generation with a diffusers SD pipeline: prompts -> R0 sampler -> VAE decode."""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from .denoisers import DiffusersDenoiser
+from .sampler import sample_r0, seeded_noise, seeded_noise_sampler
+from .schedule import scheduler_sigmas
+
+
+def encode_prompts(pipe, prompts: list[str], guidance: float):
+    """(cond, uncond) text embeddings; uncond is None when guidance is off."""
+    if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
+        raise ValueError(f"prompts={prompts!r}; expected one or more non-empty strings")
+    cond, uncond = pipe.encode_prompt(prompts, pipe.unet.device, 1, guidance != 1.0, negative_prompt=None)[:2]
+    return cond, (uncond if guidance != 1.0 else None)
+
+
+def decode(pipe, latents: torch.Tensor) -> torch.Tensor:
+    """VAE latents (scaled, as the UNet sees them) -> images [B, 3, H, W] in [0, 1]."""
+    vae = pipe.vae
+    images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+    return ((images.float() + 1) / 2).clamp(0, 1)
+
+
+def generate(pipe, prompts: list[str], *, steps: int = 4, eta: float = 0.0, guidance: float = 1.0,
+             seeds: Optional[Sequence[int]] = None, timesteps: Optional[Sequence[int]] = None,
+             height: Optional[int] = None, width: Optional[int] = None,
+             callback: Optional[Callable[[dict], None]] = None, disable: bool = True):
+    """Images [B, 3, H, W] in [0, 1] and their latents (raw VAE space, unscaled) for one image per prompt.
+
+    steps/timesteps: K uniform steps, or an explicit descending list of training timesteps.
+    seeds: one per image (default 0..B-1); the same seed gives the same image whatever the batch.
+    """
+    seeds = list(range(len(prompts))) if seeds is None else list(seeds)
+    height = height or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    width = width or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    if height % pipe.vae_scale_factor or width % pipe.vae_scale_factor:
+        raise ValueError(f"height={height}, width={width}; expected multiples of {pipe.vae_scale_factor}")
+    cond, uncond = encode_prompts(pipe, prompts, guidance)
+    model = DiffusersDenoiser.from_pipeline(pipe)
+    sigmas = scheduler_sigmas(pipe.scheduler, steps, timesteps).to(cond.device)
+    shape = (len(prompts), pipe.unet.config.in_channels, height // pipe.vae_scale_factor,
+             width // pipe.vae_scale_factor)
+    # x_T in σ terms is z / α_T = z sqrt(1 + σ_T²): the same start as a VP sampler's pure-noise latent z
+    x = seeded_noise(shape, seeds, cond.device, cond.dtype) * (1 + sigmas[0] ** 2).sqrt()
+    latents = sample_r0(model, x, sigmas, {"cond": cond, "uncond": uncond, "guidance": guidance}, callback,
+                        disable, eta=eta, noise_sampler=seeded_noise_sampler(x, seeds))
+    return decode(pipe, latents), latents / pipe.vae.config.scaling_factor

@@ -1,0 +1,69 @@
+"""The R0 few-step sampler, a pure function in the σ convention (`denoised = model(x, sigma)`).
+
+R0's generator is the diffusion model itself run for K steps: at each step predict x̂0, then re-noise to the
+next level with a mix of the predicted noise and fresh noise,
+    x_next = x̂0 + σ_next (sqrt(1 - η²) ε̂ + η ξ),    ε̂ = (x - x̂0) / σ,    ξ ~ N(0, I),
+which is SPEC's α' x̂0 + σ' (...) divided by α'. η = 0 is DDIM; η = 1 re-noises with fresh noise only, as LCM
+does. No `no_grad` inside: R0 training backpropagates through the chain.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+from tqdm.auto import trange
+
+
+class Cancelled(Exception):
+    """Raised by a progress callback to stop a sampler or trainer; what was done so far is kept by the caller."""
+
+
+def seeded_noise(shape, seeds: list[int], device="cpu", dtype=torch.float32) -> torch.Tensor:
+    """Standard normal noise [B, ...] where image i depends only on seeds[i], not on the batch it is in."""
+    if len(seeds) != shape[0]:
+        raise ValueError(f"got {len(seeds)} seeds for a batch of {shape[0]}; pass one seed per image")
+    return torch.stack([torch.randn(shape[1:], generator=torch.Generator("cpu").manual_seed(int(s)))
+                        for s in seeds]).to(device, dtype)
+
+
+def seeded_noise_sampler(x: torch.Tensor, seeds: list[int]) -> Callable:
+    """A noise_sampler drawing ξ per image from its own seeded stream (offset so it never repeats the start
+    noise), so re-noising is reproducible image by image."""
+    generators = [torch.Generator("cpu").manual_seed(int(s) + 0x5EED) for s in seeds]
+
+    def sample(sigma, sigma_next):
+        return torch.stack([torch.randn(x.shape[1:], generator=g) for g in generators]).to(x.device, x.dtype)
+    return sample
+
+
+def sample_r0(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: Optional[dict] = None,
+              callback: Optional[Callable[[dict], None]] = None, disable: Optional[bool] = None, *,
+              eta: float = 0.0, noise_sampler: Optional[Callable] = None) -> torch.Tensor:
+    """Run the K = len(sigmas) - 1 steps from x (already at noise level sigmas[0]); returns the final sample.
+
+    eta: a float, or a tensor of K values (one per step, as R0 training randomises it).
+    noise_sampler(sigma, sigma_next) -> ξ; defaults to torch.randn_like (pass a seeded one for reproducibility).
+    callback: called after each step with {"i", "x", "sigma", "sigma_next", "denoised"}; raise Cancelled to stop.
+    """
+    extra_args = {} if extra_args is None else extra_args
+    steps = len(sigmas) - 1
+    etas = torch.as_tensor(eta, dtype=torch.float32).expand(steps) if not torch.is_tensor(eta) or eta.ndim == 0 \
+        else eta
+    if len(etas) != steps or (etas < 0).any() or (etas > 1).any():
+        raise ValueError(f"eta={eta}; expected a value in [0, 1] or {steps} such values, one per step")
+    noise_sampler = noise_sampler or (lambda sigma, sigma_next: torch.randn_like(x))
+    s_in = x.new_ones([x.shape[0]])
+    for i in trange(steps, disable=disable):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = model(x, sigma * s_in, **extra_args)              # 1. x̂0
+        if sigma_next == 0:
+            x = denoised                                              # last step: the clean prediction
+        else:
+            eps = (x - denoised) / sigma                              # 2. ε̂ implied by x̂0
+            e = float(etas[i])
+            noise = noise_sampler(sigma, sigma_next) if e > 0 else 0.0
+            x = denoised + sigma_next * (math.sqrt(1 - e * e) * eps + e * noise)   # 3. re-noise with η
+        if callback is not None:
+            callback({"i": i, "x": x, "sigma": sigma, "sigma_next": sigma_next, "denoised": denoised})
+    return x

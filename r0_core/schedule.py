@@ -1,0 +1,48 @@
+"""Noise levels in the σ convention: a VP model's x_t = α_t x0 + σ^vp_t ε is the scaled x_t / α_t = x0 + σ_t ε,
+with σ_t = sqrt((1 - ᾱ_t) / ᾱ_t). Samplers work on x0 + σ ε; denoisers translate back to timesteps."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+
+def sigmas_from_alphas_cumprod(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    return ((1 - alphas_cumprod) / alphas_cumprod).sqrt()
+
+
+def uniform_timesteps(num_train_timesteps: int, steps: int) -> list[int]:
+    """K timesteps evenly spaced from the last one down ("trailing"): 1000, 4 -> [999, 749, 499, 249]."""
+    if not 1 <= steps <= num_train_timesteps:
+        raise ValueError(f"steps={steps}; expected 1..{num_train_timesteps}")
+    return [round(num_train_timesteps - i * num_train_timesteps / steps) - 1 for i in range(steps)]
+
+
+def sigmas_for_timesteps(alphas_cumprod: torch.Tensor, timesteps: Sequence[int],
+                         final_sigma: float = 0.0) -> torch.Tensor:
+    """σ at each timestep (descending), then `final_sigma` (0: the last step returns the clean prediction x̂0)."""
+    timesteps = [int(t) for t in timesteps]
+    if not timesteps or any(b >= a for a, b in zip(timesteps, timesteps[1:])):
+        raise ValueError(f"timesteps={timesteps}; expected a non-empty, strictly descending list")
+    if timesteps[0] >= len(alphas_cumprod) or timesteps[-1] < 0:
+        raise ValueError(f"timesteps={timesteps}; expected values in 0..{len(alphas_cumprod) - 1}")
+    sigmas = sigmas_from_alphas_cumprod(alphas_cumprod.double())[timesteps]
+    return torch.cat([sigmas, sigmas.new_tensor([final_sigma])]).float()
+
+
+def sigma_to_timestep(sigma: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """The (fractional) timestep of a σ, interpolating log σ between the training timesteps."""
+    log_sigmas = sigmas_from_alphas_cumprod(alphas_cumprod.double()).log()
+    log_sigma = sigma.double().clamp(min=1e-10).log()
+    # log σ rises with t; find the bracketing pair and interpolate
+    high = torch.searchsorted(log_sigmas, log_sigma.reshape(-1)).clamp(1, len(log_sigmas) - 1)
+    low = high - 1
+    w = ((log_sigma.reshape(-1) - log_sigmas[low]) / (log_sigmas[high] - log_sigmas[low])).clamp(0, 1)
+    return (low + w).reshape(sigma.shape).to(sigma.dtype)
+
+
+def scheduler_sigmas(scheduler, steps: int, timesteps: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """σ schedule for a diffusers scheduler's training noise levels: uniform K steps, or explicit timesteps."""
+    num_train = scheduler.config.num_train_timesteps
+    timesteps = uniform_timesteps(num_train, steps) if timesteps is None else timesteps
+    return sigmas_for_timesteps(scheduler.alphas_cumprod, timesteps)
