@@ -1,4 +1,6 @@
-"""The ComfyUI adapters: the only part of the pack that may import ComfyUI. Node families arrive with the
-issues that build them (sampler, rewards, R0 training, RPO); their mappings are merged here."""
-NODE_CLASS_MAPPINGS: dict[str, type] = {}
-NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}
+"""The ComfyUI adapters: the only part of the pack that may import ComfyUI. Each node family lives in its own
+module; their mappings are merged here."""
+from . import r0_nodes
+
+NODE_CLASS_MAPPINGS: dict[str, type] = {**r0_nodes.NODE_CLASS_MAPPINGS}
+NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {**r0_nodes.NODE_DISPLAY_NAME_MAPPINGS}

@@ -18,16 +18,23 @@ def uniform_timesteps(num_train_timesteps: int, steps: int) -> list[int]:
     return [round(num_train_timesteps - i * num_train_timesteps / steps) - 1 for i in range(steps)]
 
 
-def sigmas_for_timesteps(alphas_cumprod: torch.Tensor, timesteps: Sequence[int],
+def sigmas_for_timesteps(sigma_table: torch.Tensor, timesteps: Sequence[int],
                          final_sigma: float = 0.0) -> torch.Tensor:
-    """σ at each timestep (descending), then `final_sigma` (0: the last step returns the clean prediction x̂0)."""
+    """σ at each timestep (descending) from a table of σ per training timestep, then `final_sigma`
+    (0: the last step returns the clean prediction x̂0)."""
     timesteps = [int(t) for t in timesteps]
     if not timesteps or any(b >= a for a, b in zip(timesteps, timesteps[1:])):
         raise ValueError(f"timesteps={timesteps}; expected a non-empty, strictly descending list")
-    if timesteps[0] >= len(alphas_cumprod) or timesteps[-1] < 0:
-        raise ValueError(f"timesteps={timesteps}; expected values in 0..{len(alphas_cumprod) - 1}")
-    sigmas = sigmas_from_alphas_cumprod(alphas_cumprod.double())[timesteps]
+    if timesteps[0] >= len(sigma_table) or timesteps[-1] < 0:
+        raise ValueError(f"timesteps={timesteps}; expected values in 0..{len(sigma_table) - 1}")
+    sigmas = sigma_table.double().cpu()[timesteps]
     return torch.cat([sigmas, sigmas.new_tensor([final_sigma])]).float()
+
+
+def r0_sigmas(sigma_table: torch.Tensor, steps: int = 4, timesteps: Optional[Sequence[int]] = None):
+    """The sampler's schedule: K uniform timesteps (or explicit ones) of a model with this σ table, then 0."""
+    timesteps = uniform_timesteps(len(sigma_table), steps) if timesteps is None else timesteps
+    return sigmas_for_timesteps(sigma_table, timesteps)
 
 
 def sigma_to_timestep(sigma: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
@@ -42,7 +49,5 @@ def sigma_to_timestep(sigma: torch.Tensor, alphas_cumprod: torch.Tensor) -> torc
 
 
 def scheduler_sigmas(scheduler, steps: int, timesteps: Optional[Sequence[int]] = None) -> torch.Tensor:
-    """σ schedule for a diffusers scheduler's training noise levels: uniform K steps, or explicit timesteps."""
-    num_train = scheduler.config.num_train_timesteps
-    timesteps = uniform_timesteps(num_train, steps) if timesteps is None else timesteps
-    return sigmas_for_timesteps(scheduler.alphas_cumprod, timesteps)
+    """The sampler's schedule for a diffusers scheduler's training noise levels."""
+    return r0_sigmas(sigmas_from_alphas_cumprod(scheduler.alphas_cumprod), steps, timesteps)

@@ -7,7 +7,7 @@ from r0_core.denoisers import DiffusersDenoiser
 from r0_core.generate import encode_prompts, generate
 from r0_core.loading import TINY, load_pipeline
 from r0_core.sampler import Cancelled, sample_r0
-from r0_core.schedule import sigmas_for_timesteps, uniform_timesteps
+from r0_core.schedule import sigmas_for_timesteps, sigmas_from_alphas_cumprod, uniform_timesteps
 
 PROMPTS = ["a red circle on the left", "a blue square above a yellow triangle"]
 
@@ -32,7 +32,8 @@ def test_eta_0_is_diffusers_ddim(pipe, steps, guidance, alpha_to_one):
                   output_type="latent").images
     # DDIM's last step lands on ᾱ_final (1, or ᾱ_0 when set_alpha_to_one is off), so end there too
     final = 0.0 if alpha_to_one else float(((1 - ddim.alphas_cumprod[0]) / ddim.alphas_cumprod[0]).sqrt())
-    sigmas = sigmas_for_timesteps(ddim.alphas_cumprod, ddim.timesteps.tolist(), final_sigma=final)
+    sigmas = sigmas_for_timesteps(sigmas_from_alphas_cumprod(ddim.alphas_cumprod), ddim.timesteps.tolist(),
+                                  final_sigma=final)
     assert ddim.timesteps.tolist() == uniform_timesteps(1000, steps)
     cond, uncond = encode_prompts(pipe, PROMPTS, guidance)
     x = sample_r0(DiffusersDenoiser.from_pipeline(pipe), z * (1 + sigmas[0] ** 2).sqrt(), sigmas,
@@ -56,7 +57,7 @@ def test_eta_1_is_the_lcm_update_given_the_same_noise(pipe):
         latents, theirs = lcm.step(out_uncond + 2.0 * (out_cond - out_uncond), t, latents, generator=generator,
                                    return_dict=False)
 
-    sigmas = sigmas_for_timesteps(lcm.alphas_cumprod, timesteps)
+    sigmas = sigmas_for_timesteps(sigmas_from_alphas_cumprod(lcm.alphas_cumprod), timesteps)
     replay = torch.Generator().manual_seed(7)
     ours = sample_r0(model, z * (1 + sigmas[0] ** 2).sqrt(), sigmas,
                      {"cond": cond, "uncond": uncond, "guidance": 2.0}, disable=True, eta=1.0,

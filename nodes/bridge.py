@@ -1,0 +1,87 @@
+"""The one place that touches ComfyUI services: progress bar, cancel, model folders.
+
+Each service falls back to a standalone version when ComfyUI is absent (tests, scripts), so node classes import
+and run anywhere. Outside ComfyUI, model folders live under $R0_MODELS_DIR (default ./models).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Callable, Optional
+
+logger = logging.getLogger(__name__)
+
+try:  # inside ComfyUI
+    import comfy.model_management as _mm
+    import comfy.utils as _comfy_utils
+    import folder_paths as _folder_paths
+except ImportError:  # standalone
+    _mm = _comfy_utils = _folder_paths = None
+
+IN_COMFYUI = _folder_paths is not None
+MODEL_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+
+def progress_callback(total: int) -> Callable[[dict], None]:
+    """A core-library callback that advances ComfyUI's progress bar, where Cancel takes effect (it raises)."""
+    if _comfy_utils is None:
+        return lambda info: None
+    bar = _comfy_utils.ProgressBar(total)
+    return lambda info: bar.update_absolute(info["i"] + 1, total)
+
+
+def check_cancel() -> None:
+    if _mm is not None:
+        _mm.throw_exception_if_processing_interrupted()
+
+
+# ----------------------------------------------------------------------------------------------- model folders
+
+def folder_roots(folder: str) -> list[str]:
+    """The directories of a model folder kind ("checkpoints", "diffusers", ...)."""
+    if _folder_paths is not None:
+        return list(_folder_paths.get_folder_paths(folder))
+    return [os.path.join(os.environ.get("R0_MODELS_DIR", "models"), folder)]
+
+
+def list_files(folder: str) -> list[str]:
+    """Model files under a folder kind, as relative paths."""
+    if _folder_paths is not None:
+        return [f for f in _folder_paths.get_filename_list(folder) if f.lower().endswith(MODEL_EXTENSIONS)]
+    found = []
+    for root in folder_roots(folder):
+        for base, _, files in os.walk(root):
+            found += [os.path.relpath(os.path.join(base, f), root) for f in files if f.lower().endswith(
+                MODEL_EXTENSIONS)]
+    return sorted(found)
+
+
+def list_pipeline_folders(folder: str = "diffusers") -> list[str]:
+    """Sub-folders holding a diffusers pipeline (model_index.json), as relative paths."""
+    found = set()
+    for root in folder_roots(folder):
+        for base, _, files in os.walk(root):
+            if "model_index.json" in files:
+                found.add(os.path.relpath(base, root))
+    return sorted(found)
+
+
+def resolve(folder: str, name: str) -> str:
+    """The full path of `name` inside one of the folder's roots; refuses anything that escapes them."""
+    for root in folder_roots(folder):
+        root = os.path.realpath(root)
+        path = os.path.realpath(os.path.join(root, name))
+        if os.path.commonpath([root, path]) != root:
+            raise ValueError(f"model name {name!r} points outside models/{folder}; pick a name from the list")
+        if os.path.exists(path):
+            return path
+    raise FileNotFoundError(f"{name!r} not found in models/{folder} (looked in {folder_roots(folder)}); "
+                            f"put the file or folder there and refresh")
+
+
+def sd_tokenizer_dir() -> Optional[str]:
+    """ComfyUI ships CLIP's tokenizer files (comfy/sd1_tokenizer); single-file SD checkpoints need them."""
+    if _comfy_utils is None:
+        return None
+    path = os.path.join(os.path.dirname(os.path.dirname(_comfy_utils.__file__)), "comfy", "sd1_tokenizer")
+    return path if os.path.isdir(path) else None

@@ -1,0 +1,165 @@
+"""R0 generation nodes: load a pipeline, generate in a few steps, and a native SAMPLER + SIGMAS pair for
+ComfyUI's SamplerCustom. Node ids and the order of their inputs are a public API: append, never reorder."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from r0_core.generate import generate
+from r0_core.loading import TINY, load_pipeline
+from r0_core.sampler import sample_r0
+from r0_core.schedule import r0_sigmas
+
+from . import bridge
+
+PIPELINE = "R0_PIPELINE"
+DTYPES = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_CACHE: dict[tuple, dict] = {}  # (path, dtype, device) -> loaded pipeline, kept between runs
+
+
+def model_choices() -> list[str]:
+    return ([TINY] + [f"diffusers/{name}" for name in bridge.list_pipeline_folders("diffusers")]
+            + [f"checkpoints/{name}" for name in bridge.list_files("checkpoints")])
+
+
+def resolve_model(choice: str) -> str:
+    if choice == TINY:
+        return TINY
+    folder, _, name = choice.partition("/")
+    if folder not in ("diffusers", "checkpoints") or not name:
+        raise ValueError(f"model {choice!r}: expected 'tiny', 'diffusers/<folder>' or 'checkpoints/<file>'")
+    return bridge.resolve(folder, name)
+
+
+def get_pipeline(choice: str, dtype: str = "auto", device: str = "auto") -> dict:
+    """A cached pipeline (loaded once per path, dtype and device), as the R0_PIPELINE value."""
+    path = resolve_model(choice)
+    key = (path, dtype, device)
+    if key not in _CACHE:
+        # load outside inference mode: the cached modules must stay trainable for the R0 and RPO trainers
+        with torch.inference_mode(False):
+            pipe = load_pipeline(path, device=None if device == "auto" else device, dtype=DTYPES[dtype],
+                                 tokenizer_dir=bridge.sd_tokenizer_dir())
+        pipe.set_progress_bar_config(disable=True)
+        _CACHE[key] = {"pipe": pipe, "path": path, "device": pipe.unet.device}
+    return _CACHE[key]
+
+
+class R0LoadPipeline:
+    DESCRIPTION = "Loads a Stable Diffusion pipeline (or the built-in tiny model) for R0 generation."
+    CATEGORY = "R0"
+    RETURN_TYPES = (PIPELINE,)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": (model_choices(), {"tooltip": "tiny, a diffusers folder in models/diffusers, or a "
+                                                   "single-file checkpoint in models/checkpoints"}),
+            "dtype": (list(DTYPES), {"default": "auto", "tooltip": "auto: fp32 on CPU, bf16/fp16 on GPU"}),
+            "device": (["auto", "cpu", "cuda"], {"default": "auto"}),
+        }}
+
+    def load(self, model, dtype, device):
+        return (get_pipeline(model, dtype, device),)
+
+
+class R0FewStepGenerate:
+    DESCRIPTION = ("Generates images in a few steps with the R0 sampler: predict x̂0, then re-noise with η "
+                   "(0 = DDIM, 1 = LCM-style).")
+    CATEGORY = "R0"
+    RETURN_TYPES = ("IMAGE", "LATENT")
+    FUNCTION = "generate"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "pipeline": (PIPELINE,),
+            "prompt": ("STRING", {"multiline": True, "default": "a red circle left of a blue square"}),
+            "steps": ("INT", {"default": 4, "min": 1, "max": 100, "tooltip": "sampler steps K"}),
+            "eta": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.05,
+                              "tooltip": "fresh noise share when re-noising: 0 DDIM, 1 LCM-style"}),
+            "guidance": ("FLOAT", {"default": 1.0, "min": 1.0, "max": 20.0, "step": 0.1,
+                                   "tooltip": "classifier-free guidance; 1 turns it off (one UNet call a step)"}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 2 ** 63 - 1, "tooltip": "image i uses seed + i"}),
+            "batch_size": ("INT", {"default": 1, "min": 1, "max": 64}),
+            "width": ("INT", {"default": 512, "min": 16, "max": 4096, "step": 8}),
+            "height": ("INT", {"default": 512, "min": 16, "max": 4096, "step": 8}),
+            "offload": ("BOOLEAN", {"default": False, "tooltip": "move the pipeline to the CPU afterwards"}),
+        }}
+
+    def generate(self, pipeline, prompt, steps, eta, guidance, seed, batch_size, width, height, offload):
+        pipe = pipeline["pipe"].to(pipeline["device"])
+        images, latents = generate(pipe, [prompt] * batch_size, steps=steps, eta=eta, guidance=guidance,
+                                   seeds=[seed + i for i in range(batch_size)], height=height, width=width,
+                                   callback=bridge.progress_callback(steps))
+        if offload:
+            pipe.to("cpu")
+        return (images.permute(0, 2, 3, 1).cpu().float(), {"samples": latents.cpu().float()})
+
+
+def comfy_sample_r0(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=0.0):
+    """sample_r0 as ComfyUI's KSAMPLER calls it; fresh noise comes from the prompt's seed, so a run repeats."""
+    seed = (extra_args or {}).get("seed")
+    generator = torch.Generator("cpu").manual_seed(int(seed)) if seed is not None else None
+    noise = lambda sigma, sigma_next: torch.randn(x.shape, generator=generator).to(x)  # noqa: E731
+    return sample_r0(model, x, sigmas, extra_args, callback, disable, eta=eta, noise_sampler=noise)
+
+
+class R0Sampler:
+    DESCRIPTION = "The R0 few-step sampler as a SAMPLER for SamplerCustom / SamplerCustomAdvanced."
+    CATEGORY = "R0"
+    RETURN_TYPES = ("SAMPLER",)
+    FUNCTION = "get_sampler"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"eta": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.05})}}
+
+    def get_sampler(self, eta):
+        import comfy.samplers  # built lazily: the function above is what tests exercise
+        return (comfy.samplers.KSAMPLER(comfy_sample_r0, extra_options={"eta": eta}),)
+
+
+def parse_timesteps(text: str) -> Optional[list[int]]:
+    """'999, 749, 499, 249' -> [999, 749, 499, 249]; empty -> None (uniform)."""
+    if not text.strip():
+        return None
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",")]
+    except ValueError:
+        raise ValueError(f"timesteps={text!r}; expected comma-separated integers such as 999,749,499,249")
+
+
+class R0Sigmas:
+    DESCRIPTION = "SIGMAS for the R0 sampler: K uniform timesteps from the last, or an explicit list, then 0."
+    CATEGORY = "R0"
+    RETURN_TYPES = ("SIGMAS",)
+    FUNCTION = "get_sigmas"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL",),
+            "steps": ("INT", {"default": 4, "min": 1, "max": 1000}),
+            "timesteps": ("STRING", {"default": "", "tooltip": "optional, e.g. 999,749,499,249; overrides steps"}),
+        }}
+
+    def get_sigmas(self, model, steps, timesteps):
+        table = model.get_model_object("model_sampling").sigmas
+        return (r0_sigmas(table, steps, parse_timesteps(timesteps)),)
+
+
+NODE_CLASS_MAPPINGS = {
+    "R0LoadPipeline": R0LoadPipeline,
+    "R0FewStepGenerate": R0FewStepGenerate,
+    "R0Sampler": R0Sampler,
+    "R0Sigmas": R0Sigmas,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "R0LoadPipeline": "R0 Load Pipeline",
+    "R0FewStepGenerate": "R0 Few-Step Generate",
+    "R0Sampler": "R0 Sampler",
+    "R0Sigmas": "R0 Sigmas",
+}

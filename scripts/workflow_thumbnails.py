@@ -1,0 +1,21 @@
+"""Render each workflow in workflows/ headless on the tiny model and save its images as the same-name .jpg
+thumbnail ComfyUI's template browser shows: `python scripts/workflow_thumbnails.py`."""
+import json
+import pathlib
+import sys
+
+import numpy as np
+from PIL import Image
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from nodes.headless import run_workflow  # noqa: E402
+from r0_core.tiny.evaluate import grid  # noqa: E402
+
+for path in sorted((ROOT / "workflows").glob("*.json")):
+    images = run_workflow(json.loads(path.read_text()))[0].numpy()
+    columns = int(np.ceil(np.sqrt(len(images))))
+    scale = max(1, 256 // (images.shape[2] * columns))
+    Image.fromarray(grid(images, columns, scale)).convert("RGB").save(path.with_suffix(".jpg"), quality=92)
+    print(f"wrote {path.with_suffix('.jpg').relative_to(ROOT)}")

@@ -1,0 +1,46 @@
+"""Every workflow in workflows/ is valid against the node classes and runs headless on the tiny model."""
+import json
+import pathlib
+
+import numpy as np
+import pytest
+import torch
+
+from nodes import NODE_CLASS_MAPPINGS
+from nodes.headless import CORE_NODES, node_spec, run_workflow, widget_values
+
+WORKFLOWS = sorted((pathlib.Path(__file__).resolve().parents[1] / "workflows").glob("*.json"))
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
+def test_workflow_is_valid(path):
+    workflow = json.loads(path.read_text())
+    assert workflow["version"] == 0.4
+    assert path.with_suffix(".jpg").is_file(), "each workflow needs a same-name .jpg thumbnail"
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    for node in nodes.values():
+        assert node["type"] in NODE_CLASS_MAPPINGS or node["type"] in CORE_NODES, node["type"]
+        spec = node_spec(node["type"])
+        for name, value in widget_values(node, spec).items():
+            kind, options = spec["inputs"][name], spec.get("options", {}).get(name, {})
+            if kind == "COMBO":
+                assert value in spec["choices"][name], (node["type"], name, value)
+            elif kind in ("INT", "FLOAT"):
+                assert isinstance(value, (int, float)) and options.get("min", value) <= value <= options.get(
+                    "max", value), (node["type"], name, value)
+            elif kind == "BOOLEAN":
+                assert isinstance(value, bool)
+            else:
+                assert isinstance(value, str)
+    for link_id, src, src_slot, dst, dst_slot, kind in workflow["links"]:
+        out_type = node_spec(nodes[src]["type"])["outputs"][src_slot]
+        in_name = nodes[dst]["inputs"][dst_slot]["name"]
+        assert out_type == kind == node_spec(nodes[dst]["type"])["inputs"][in_name], (link_id, out_type, in_name)
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
+def test_workflow_runs_on_the_tiny_model(path):
+    shown = run_workflow(json.loads(path.read_text()))
+    assert shown
+    for images in shown:
+        assert images.ndim == 4 and images.shape[-1] == 3 and images.dtype == torch.float32
+        assert 0 <= images.min() and images.max() <= 1 and np.isfinite(images.numpy()).all()
+        assert images.std() > 0.05, "a blank image is not a generated one"
