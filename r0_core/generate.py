@@ -12,6 +12,9 @@ from .schedule import scheduler_sigmas
 
 def encode_prompts(pipe, prompts: list[str], guidance: float):
     """(cond, uncond) text embeddings; uncond is None when guidance is off."""
+    if hasattr(pipe, "text_encoder_2"):
+        raise NotImplementedError("few-step generation with SDXL pipelines (pooled text embeddings and time ids) "
+                                  "is not wired yet; SD 1.x/2.x pipelines and the tiny model are supported")
     if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
         raise ValueError(f"prompts={prompts!r}; expected one or more non-empty strings")
     cond, uncond = pipe.encode_prompt(prompts, pipe.unet.device, 1, guidance != 1.0, negative_prompt=None)[:2]
