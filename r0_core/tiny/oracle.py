@@ -85,19 +85,31 @@ def _name_colour(rgb: np.ndarray) -> Optional[str]:
     return name if errors[name] <= MAX_HUE_ERROR else None
 
 
-def _name_shape(coverage: np.ndarray) -> str:
-    """The shape whose antialiased template, placed by the region's area and centroid, explains the region's
-    coverage map best (least absolute error). Works at sub-pixel precision, so it separates small squares from
-    small circles, and blur or noise shift all templates alike."""
+def _moments(coverage: np.ndarray):
+    """Area, centroid (x, y) and variances (x, y) of a coverage map."""
     area = coverage.sum()
     ys, xs = np.indices(coverage.shape) + 0.5
-    cy, cx = (coverage * ys).sum() / area, (coverage * xs).sum() / area
+    cx, cy = (coverage * xs).sum() / area, (coverage * ys).sum() / area
+    return area, cx, cy, (coverage * (xs - cx) ** 2).sum() / area, (coverage * (ys - cy) ** 2).sum() / area
+
+
+# per shape, for half-width 1: x and y variance and how far the centroid sits below the centre
+_UNIT = {}
+for _shape in SHAPES:
+    _, _cx, _cy, _vx, _vy = _moments(shape_mask(_shape, 64.0, 64.0, 32.0, size=128, supersample=2))
+    _UNIT[_shape] = (_vx / 32 ** 2, _vy / 32 ** 2, (_cy - 64.0) / 32)
+
+
+def _name_shape(coverage: np.ndarray) -> str:
+    """The shape whose antialiased template, stretched to the region's centroid and spread in x and y, explains
+    the region's coverage map best (least absolute error). Sub-pixel fitting separates small squares from small
+    circles; fitting width and height apart judges a drawn rectangle as square-like and an oval as circle-like,
+    as a person would; blur and noise shift all templates alike."""
+    _, cx, cy, var_x, var_y = _moments(coverage)
     best, best_error = SHAPES[0], np.inf
-    for shape in SHAPES:
-        unit = shape_mask(shape, 16.0, 16.0, 8.0, size=32, supersample=2).sum() / 64.0  # area of half-width 1
-        r = np.sqrt(area / unit)
-        centre_y = cy - r / 3 if shape == "triangle" else cy  # a triangle's centroid sits r/3 below its centre
-        template = shape_mask(shape, cx, centre_y, r, size=coverage.shape[0])
+    for shape, (unit_x, unit_y, drop) in _UNIT.items():
+        rx, ry = np.sqrt(var_x / unit_x), np.sqrt(var_y / unit_y)
+        template = shape_mask(shape, cx, cy - drop * ry, rx, size=coverage.shape[0], ry=ry)
         error = np.abs(template - coverage).sum()
         if error < best_error:
             best, best_error = shape, error

@@ -162,11 +162,15 @@ def _layout_pair(rng: random.Random, relation: str, r0: float, r1: float):
 _SUPERSAMPLE = 4
 
 
-def shape_mask(shape: str, cx: float, cy: float, r: float, size: int = IMAGE_SIZE, supersample: int = _SUPERSAMPLE):
-    """Coverage in [0, 1] of a shape centred at (cx, cy) with half-width r, antialiased by supersampling."""
+def shape_mask(shape: str, cx: float, cy: float, r: float, size: int = IMAGE_SIZE, supersample: int = _SUPERSAMPLE,
+               ry: Optional[float] = None):
+    """Coverage in [0, 1] of a shape centred at (cx, cy) with half-width r, antialiased by supersampling.
+    With `ry` the shape is stretched to half-height ry (the oracle fits such templates)."""
     s = supersample
     coords = (np.arange(size * s) + 0.5) / s
     y, x = np.meshgrid(coords, coords, indexing="ij")
+    if ry is not None:
+        y = cy + (y - cy) * (r / ry)
     if shape == "circle":
         inside = (x - cx) ** 2 + (y - cy) ** 2 <= r ** 2
     elif shape == "square":
