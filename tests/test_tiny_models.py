@@ -24,12 +24,13 @@ def test_pipeline_text_encoder_is_the_frozen_clip_text_tower(pipe):
 
 def test_base_model_draws_held_out_single_object_prompts(pipe):
     metrics, _, _ = evaluate(pipe, "positioned", 24, steps=20, guidance=2.0, progress=False)
-    assert metrics["objects_correct"] >= 0.6, metrics
+    assert metrics["objects_correct"] >= 0.7, metrics   # 0.875 when shipped; 90.5% in the benchmark
 
 
 def test_base_model_draws_some_held_out_relations(pipe):
     metrics, _, _ = evaluate(pipe, "pair", 24, steps=20, guidance=2.0, progress=False)
-    assert metrics["correct"] >= 0.15, metrics
+    assert metrics["objects_correct"] >= 0.3, metrics   # 0.58 when shipped
+    assert metrics["correct"] >= 0.1, metrics           # 0.25 when shipped; 21.5% in the benchmark
 
 
 def test_tiny_clip_ranks_the_right_caption_first():
