@@ -2,8 +2,9 @@
 `python benchmarks/sampler_speed.py`.
 
   floor    = K bare UNet calls on the same batch (doubled for CFG) + one VAE decode
-  ratio 1  = R0 sampler wall time (prompt encoding and decode included) / floor
+  ratio 1  = R0 sampler wall time (noise, K steps, VAE decode) / floor
   ratio 2  = R0 sampler wall time / diffusers' StableDiffusionPipeline with DDIM at the same K steps
+All three start from the same encoded prompts (text encoding is outside the sampler).
 Each figure is the median of --repeats interleaved runs.
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ import time
 
 import torch
 
-from r0_core.generate import encode_prompts, generate
+from r0_core.generate import decode, encode_prompts, sample_latents
 from r0_core.loading import TINY, load_pipeline
 from r0_core.schedule import uniform_timesteps
 from r0_core.tiny.evaluate import eval_prompts
@@ -57,10 +58,11 @@ def main(argv=None):
                 pipe.vae.decode(latents / pipe.vae.config.scaling_factor)
 
             def ours():
-                generate(pipe, prompts, steps=steps, guidance=args.guidance)
+                decode(pipe, sample_latents(pipe, cond, uncond, steps=steps, guidance=args.guidance))
 
             def diffusers_ddim():
-                pipe(prompts, num_inference_steps=steps, guidance_scale=args.guidance, output_type="pt")
+                pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, num_inference_steps=steps,
+                     guidance_scale=args.guidance, output_type="pt")
 
             runs = {"floor": [], "r0": [], "diffusers": []}
             floor(), ours(), diffusers_ddim()  # warm-up

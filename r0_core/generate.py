@@ -28,6 +28,27 @@ def decode(pipe, latents: torch.Tensor) -> torch.Tensor:
     return ((images.float() + 1) / 2).clamp(0, 1)
 
 
+def sample_latents(pipe, cond: torch.Tensor, uncond: Optional[torch.Tensor], *, steps: int = 4,
+                   eta: float = 0.0, guidance: float = 1.0, seeds: Optional[Sequence[int]] = None,
+                   timesteps: Optional[Sequence[int]] = None, height: Optional[int] = None,
+                   width: Optional[int] = None, callback: Optional[Callable[[dict], None]] = None,
+                   disable: bool = True) -> torch.Tensor:
+    """The R0 sampler on encoded prompts: scaled latents (as the UNet sees them), one image per row of cond."""
+    seeds = list(range(len(cond))) if seeds is None else list(seeds)
+    height = height or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    width = width or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    if height % pipe.vae_scale_factor or width % pipe.vae_scale_factor:
+        raise ValueError(f"height={height}, width={width}; expected multiples of {pipe.vae_scale_factor}")
+    model = DiffusersDenoiser.from_pipeline(pipe)
+    sigmas = scheduler_sigmas(pipe.scheduler, steps, timesteps).to(cond.device)
+    shape = (len(cond), pipe.unet.config.in_channels, height // pipe.vae_scale_factor,
+             width // pipe.vae_scale_factor)
+    # x_T in σ terms is z / α_T = z sqrt(1 + σ_T²): the same start as a VP sampler's pure-noise latent z
+    x = seeded_noise(shape, seeds, cond.device, cond.dtype) * (1 + sigmas[0] ** 2).sqrt()
+    return sample_r0(model, x, sigmas, {"cond": cond, "uncond": uncond, "guidance": guidance}, callback, disable,
+                     eta=eta, noise_sampler=seeded_noise_sampler(x, seeds))
+
+
 def generate(pipe, prompts: list[str], *, steps: int = 4, eta: float = 0.0, guidance: float = 1.0,
              seeds: Optional[Sequence[int]] = None, timesteps: Optional[Sequence[int]] = None,
              height: Optional[int] = None, width: Optional[int] = None,
@@ -37,18 +58,7 @@ def generate(pipe, prompts: list[str], *, steps: int = 4, eta: float = 0.0, guid
     steps/timesteps: K uniform steps, or an explicit descending list of training timesteps.
     seeds: one per image (default 0..B-1); the same seed gives the same image whatever the batch.
     """
-    seeds = list(range(len(prompts))) if seeds is None else list(seeds)
-    height = height or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    width = width or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    if height % pipe.vae_scale_factor or width % pipe.vae_scale_factor:
-        raise ValueError(f"height={height}, width={width}; expected multiples of {pipe.vae_scale_factor}")
     cond, uncond = encode_prompts(pipe, prompts, guidance)
-    model = DiffusersDenoiser.from_pipeline(pipe)
-    sigmas = scheduler_sigmas(pipe.scheduler, steps, timesteps).to(cond.device)
-    shape = (len(prompts), pipe.unet.config.in_channels, height // pipe.vae_scale_factor,
-             width // pipe.vae_scale_factor)
-    # x_T in σ terms is z / α_T = z sqrt(1 + σ_T²): the same start as a VP sampler's pure-noise latent z
-    x = seeded_noise(shape, seeds, cond.device, cond.dtype) * (1 + sigmas[0] ** 2).sqrt()
-    latents = sample_r0(model, x, sigmas, {"cond": cond, "uncond": uncond, "guidance": guidance}, callback,
-                        disable, eta=eta, noise_sampler=seeded_noise_sampler(x, seeds))
+    latents = sample_latents(pipe, cond, uncond, steps=steps, eta=eta, guidance=guidance, seeds=seeds,
+                             timesteps=timesteps, height=height, width=width, callback=callback, disable=disable)
     return decode(pipe, latents), latents / pipe.vae.config.scaling_factor
