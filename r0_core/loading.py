@@ -168,6 +168,8 @@ def _load_tokenizer(folder: Optional[str], architecture: str):
     if len(tokenizer) != 49408:
         raise ModelLoadError(f"tokenizer in {folder} has {len(tokenizer)} tokens; {architecture} needs CLIP's "
                              f"49408-token vocabulary")
+    # every SD text encoder reads 77 tokens; some tokenizer folders (ComfyUI's) declare a longer limit
+    tokenizer.model_max_length = min(tokenizer.model_max_length, 77)
     return tokenizer
 
 
