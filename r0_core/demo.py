@@ -9,11 +9,13 @@ import os
 import time
 
 import numpy as np
+import torch
 from PIL import Image
 
 from .loading import TINY, TINY_CLIP_DIR, load_pipeline
 from .tiny import oracle
-from .tiny.evaluate import clip_scores, grid, r0_images, sample_images
+from .rewards import ClipScore, cached
+from .tiny.evaluate import grid, r0_images, sample_images
 
 PROMPTS = [
     "a red circle", "a blue square on the left", "a yellow triangle at the top", "a green circle in the middle",
@@ -34,6 +36,7 @@ def main(argv=None):
 
     started = time.time()
     pipe = load_pipeline(args.model)
+    clip_score = cached(ClipScore, TINY_CLIP_DIR)
     prompts = [p for p in PROMPTS for _ in range(args.images_per_prompt)]
     report = {"model": args.model, "guidance": args.guidance, "seed": args.seed, "runs": {}}
     rows = []
@@ -48,7 +51,8 @@ def main(argv=None):
         per_prompt = {p: sum(v.correct for v, q in zip(verdicts, prompts) if q == p) / args.images_per_prompt
                       for p in PROMPTS}
         accuracy = sum(v.correct for v in verdicts) / len(verdicts)
-        reward = float(clip_scores(images, prompts, TINY_CLIP_DIR).mean())
+        with torch.no_grad():
+            reward = float(clip_score(torch.from_numpy(images).permute(0, 3, 1, 2), prompts).mean())
         report["runs"][name] = {"oracle_accuracy": accuracy, "tiny_clip_score": reward, "per_prompt": per_prompt}
         rows.append(images)
         print(f"\n{name} (guidance {args.guidance}): oracle accuracy {accuracy:.0%}, tiny-CLIP score {reward:.1f}")

@@ -64,25 +64,6 @@ def r0_images(pipe, prompts: list[str], *, steps: int, guidance: float, eta: flo
     return np.concatenate(out)
 
 
-def clip_scores(images: np.ndarray, prompts: list[str], clip_dir: str) -> np.ndarray:
-    """100 x cosine similarity between each image and its prompt under a CLIPModel folder (the tiny CLIP)."""
-    from transformers import CLIPModel, CLIPTokenizer
-
-    model = CLIPModel.from_pretrained(clip_dir, local_files_only=True).eval()
-    tokenizer = CLIPTokenizer.from_pretrained(clip_dir, local_files_only=True)
-    size = model.config.vision_config.image_size
-    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float()
-    pixels = torch.nn.functional.interpolate(pixels, size=(size, size), mode="bicubic", antialias=True)
-    with torch.no_grad():
-        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids
-        text = model.get_text_features(input_ids=ids)
-        image = model.get_image_features(pixel_values=pixels * 2 - 1)  # the tiny CLIP's mean = std = 0.5
-    # transformers 5 returns an output object where 4.x returned the tensor
-    text, image = [getattr(t, "pooler_output", t) for t in (text, image)]
-    return (100 * torch.nn.functional.cosine_similarity(image, text)).numpy()
-
-
 def grid(images: np.ndarray, columns: int, scale: int = 4) -> np.ndarray:
     """A uint8 grid of images [N, H, W, 3], enlarged `scale` times without smoothing, 2 px apart."""
     n, h, w, _ = images.shape

@@ -1,0 +1,82 @@
+"""The scorer protocol shared by every reward family, its one differentiable preprocessing path, and the model
+cache. A scorer maps float images [B, 3, H, W] in 0..1 (+ prompts, + optional reference images) to one score
+per image, differentiable with respect to the images."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..loading import pick_device_dtype
+
+
+class RewardModel(torch.nn.Module):
+    """Base of all scorers: `forward(images, prompts, references=None) -> scores [B]`."""
+
+    def forward(self, images: torch.Tensor, prompts: Sequence[str] | str,
+                references: Optional[torch.Tensor] = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    @staticmethod
+    def check_inputs(images: torch.Tensor, prompts: Sequence[str] | str) -> list[str]:
+        """Validate a batch; returns one prompt per image (a single prompt is repeated)."""
+        if not torch.is_tensor(images) or images.ndim != 4 or images.shape[1] != 3:
+            shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
+            raise ValueError(f"images has shape {shape}; expected float [B, 3, H, W] in 0..1")
+        if not torch.isfinite(images).all():
+            raise ValueError("images contain NaN or inf; check the generator's output before scoring")
+        prompts = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
+        if len(prompts) != len(images):
+            raise ValueError(f"got {len(prompts)} prompts for {len(images)} images; pass one, or one per image")
+        return prompts
+
+
+def preprocess(images: torch.Tensor, size: int, mean: Sequence[float], std: Sequence[float],
+               crop: Optional[int] = None) -> torch.Tensor:
+    """Shortest side to `size` (antialiased bicubic), centre crop to `crop` by slicing, normalise: the
+    processors' steps without PIL, so gradients flow to the images."""
+    crop = crop or size
+    h, w = images.shape[-2:]
+    scale = size / min(h, w)
+    new_h, new_w = max(round(h * scale), crop), max(round(w * scale), crop)
+    if (new_h, new_w) != (h, w):
+        images = F.interpolate(images, size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False)
+    top, left = (new_h - crop) // 2, (new_w - crop) // 2
+    images = images[..., top:top + crop, left:left + crop]
+    mean = images.new_tensor(mean).view(1, -1, 1, 1)
+    std = images.new_tensor(std).view(1, -1, 1, 1)
+    return (images - mean) / std
+
+
+def require_files(folder: str, files: Sequence[str], what: str) -> None:
+    """A clear error listing every missing file of a model folder."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{what} folder {folder} not found; expected a folder with {', '.join(files)}")
+    missing = [f for f in files if not os.path.isfile(os.path.join(folder, f))]
+    if missing:
+        raise FileNotFoundError(f"{what} folder {folder} lacks {', '.join(missing)}; expected {', '.join(files)}")
+
+
+def read_json(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+_CACHE: dict[tuple, RewardModel] = {}
+
+
+def cached(cls, path: str, device=None, dtype=None, **kwargs) -> RewardModel:
+    """One instance per (class, path, dtype, device), reused between calls; `offload()` moves them all to CPU."""
+    device, dtype = pick_device_dtype(device, dtype)
+    key = (cls.__name__, os.path.realpath(path), str(dtype), str(device), tuple(sorted(kwargs.items())))
+    if key not in _CACHE:
+        _CACHE[key] = cls.from_pretrained(path, **kwargs).to(device, dtype).eval().requires_grad_(False)
+    return _CACHE[key].to(device)
+
+
+def offload() -> None:
+    for model in _CACHE.values():
+        model.to("cpu")
