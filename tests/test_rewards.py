@@ -10,6 +10,7 @@ from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 from r0_core.loading import TINY_CLIP_DIR
 from r0_core.rewards import base
 from r0_core.rewards.clip_score import ClipScore
+from r0_core.rewards.composite import LambdaHarmonic, WeightedReward
 from r0_core.tiny import world
 
 
@@ -86,3 +87,46 @@ def test_tiny_clip_prefers_the_true_caption():
         true, wrong = scorer(x, captions), scorer(x, other)
     same = np.array([a == b for a, b in zip(captions, other)])
     assert (true > wrong).numpy()[~same].mean() >= 0.9
+
+
+class Affine(base.RewardModel):
+    """A reward with a known image gradient: r(x) = scale · <a, x> per image."""
+
+    def __init__(self, a, scale):
+        super().__init__()
+        self.a, self.scale = a, scale
+
+    def forward(self, images, prompts, references=None):
+        return self.scale * (images * self.a).flatten(1).sum(1)
+
+
+def test_r0_mode_gives_each_reward_its_stated_share_of_the_gradient():
+    torch.manual_seed(0)
+    a, b = torch.randn(3, 8, 8), torch.randn(3, 8, 8)
+    # scales 1000 and 0.001: without normalisation the first would drown the second
+    reward = WeightedReward([Affine(a, 1000.0), Affine(b, 0.001)], weights=[1.0, 0.5])
+    images = torch.rand(2, 3, 8, 8, requires_grad=True)
+    loss, scores = reward.r0_surrogate(images, "x")
+    loss.backward()
+    expected = -(a / a.norm() + 0.5 * b / b.norm())
+    assert torch.allclose(images.grad, expected.expand_as(images), atol=1e-6)
+    assert scores.shape == (2, 2)
+    assert torch.allclose(reward(images, "x"), 1000 * (images * a).flatten(1).sum(1) + 0.0005 * (
+        images * b).flatten(1).sum(1))
+
+
+def test_lambda_harmonic_formula_and_limits(random_clip):
+    encoder = ClipScore.from_pretrained(str(random_clip)).eval()
+    images, refs = torch.rand(2, 3, 32, 32), torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        e, r, t = encoder.image_embeds(images), encoder.image_embeds(refs), encoder.text_embeds(["a red circle"] * 2)
+        i_cos, t_cos = (e @ r.T).mean(1), (e * t).sum(-1)
+        for lam in (0.0, 0.5, 1.0):
+            got = LambdaHarmonic(encoder, lam)(images, "a red circle", refs)
+            i, tt = (i_cos + 1) / 2, (t_cos + 1) / 2
+            assert torch.allclose(got, 1 / (lam / i + (1 - lam) / tt), rtol=1e-5)
+        assert torch.allclose(LambdaHarmonic(encoder, 0.0)(images, "a red circle", refs), (t_cos + 1) / 2)
+    with pytest.raises(ValueError, match="reference images"):
+        LambdaHarmonic(encoder)(images, "a red circle")
+    with pytest.raises(ValueError, match="lam"):
+        LambdaHarmonic(encoder, 1.5)(images, "a red circle", refs)

@@ -1,0 +1,62 @@
+"""Combining rewards: a weighted sum, R0's per-reward gradient normalisation, and RPO's λ-Harmonic reward."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from .base import RewardModel
+
+
+class WeightedReward(RewardModel):
+    """Σ_i w_i r_i(images, prompts). `r0_surrogate` gives the loss whose image gradient is R0's normalised
+    direction −Σ_i w_i g_i / ||g_i|| (g_i = ∂r_i/∂images per image), so no reward dominates by scale alone."""
+
+    def __init__(self, scorers: Sequence[RewardModel], weights: Optional[Sequence[float]] = None):
+        super().__init__()
+        weights = [1.0] * len(scorers) if weights is None else list(weights)
+        if not scorers or len(weights) != len(scorers):
+            raise ValueError(f"got {len(scorers)} scorers and {len(weights)} weights; pass one weight per scorer")
+        self.scorers = torch.nn.ModuleList(scorers)
+        self.weights = weights
+
+    def forward(self, images, prompts, references=None):
+        return sum(w * s(images, prompts, references) for s, w in zip(self.scorers, self.weights))
+
+    def r0_surrogate(self, images: torch.Tensor, prompts, references=None, eps: float = 1e-12):
+        """(loss, scores): loss.backward() sends −Σ_i w_i ĝ_i into `images` and on through its graph."""
+        direction = torch.zeros_like(images)
+        scores = []
+        for scorer, weight in zip(self.scorers, self.weights):
+            score = scorer(images, prompts, references)
+            (grad,) = torch.autograd.grad(score.sum(), images, retain_graph=True)
+            norm = grad.flatten(1).norm(dim=1).view(-1, *([1] * (images.ndim - 1)))
+            direction = direction + weight * grad / (norm + eps)
+            scores.append(score.detach())
+        return -(direction.detach() * images).sum(), torch.stack(scores)
+
+
+def lambda_harmonic(image_ref_cos: torch.Tensor, image_text_cos: torch.Tensor, lam: float) -> torch.Tensor:
+    """RPO's reward R = 1 / (λ/I + (1−λ)/T), with cosines mapped to [0, 1] by (s + 1) / 2."""
+    if not 0 <= lam <= 1:
+        raise ValueError(f"lam={lam}; expected a value in [0, 1]")
+    i, t = (image_ref_cos + 1) / 2, (image_text_cos + 1) / 2
+    return 1 / (lam / i + (1 - lam) / t)
+
+
+class LambdaHarmonic(RewardModel):
+    """λ-Harmonic reward over any scorer with `image_embeds` and `text_embeds` (CLIP-like or ALIGN):
+    I = mean cosine to the reference images, T = cosine to the prompt."""
+
+    def __init__(self, encoder: RewardModel, lam: float = 0.5):
+        super().__init__()
+        self.encoder, self.lam = encoder, lam
+
+    def forward(self, images, prompts, references=None):
+        prompts = self.check_inputs(images, prompts)
+        if references is None or len(references) == 0:
+            raise ValueError("LambdaHarmonic needs reference images [N, 3, H, W] in 0..1 (the subject's photos)")
+        image = self.encoder.image_embeds(images)
+        refs = self.encoder.image_embeds(references)
+        text = self.encoder.text_embeds(prompts)
+        return lambda_harmonic((image @ refs.T).mean(1), (image * text).sum(-1), self.lam)
