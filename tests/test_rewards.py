@@ -11,6 +11,7 @@ from r0_core.loading import TINY_CLIP_DIR
 from r0_core.rewards import base
 from r0_core.rewards.clip_score import ClipScore
 from r0_core.rewards.composite import LambdaHarmonic, WeightedReward
+from r0_core.rewards.dino import DinoSimilarity
 from r0_core.tiny import world
 
 
@@ -130,3 +131,37 @@ def test_lambda_harmonic_formula_and_limits(random_clip):
         LambdaHarmonic(encoder)(images, "a red circle")
     with pytest.raises(ValueError, match="lam"):
         LambdaHarmonic(encoder, 1.5)(images, "a red circle", refs)
+
+
+@pytest.mark.parametrize("kind", ["vit", "dinov2"])
+def test_dino_similarity_equals_cls_cosine(kind, tmp_path):
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model, ViTConfig, ViTImageProcessor, ViTModel
+
+    torch.manual_seed(0)
+    small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
+                 patch_size=8)
+    if kind == "vit":
+        model = ViTModel(ViTConfig(**small), add_pooling_layer=False)
+        processor = ViTImageProcessor(size={"height": 32, "width": 32})
+    else:
+        model = Dinov2Model(Dinov2Config(**small))
+        processor = BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                                      do_center_crop=True, image_mean=[0.485, 0.456, 0.406],
+                                      image_std=[0.229, 0.224, 0.225])
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    scorer = DinoSimilarity.from_pretrained(str(tmp_path)).eval()
+    images, refs = torch.rand(2, 3, 32, 32), torch.rand(3, 3, 32, 32)
+    ours = scorer(images, "", refs)
+
+    def cls(x):
+        pixels = processor(list(x.permute(0, 2, 3, 1).numpy()), do_rescale=False, do_resize=False,
+                           do_center_crop=False, return_tensors="pt").pixel_values
+        with torch.no_grad():
+            return torch.nn.functional.normalize(model.eval()(pixel_values=pixels).last_hidden_state[:, 0], dim=-1)
+    assert torch.allclose(ours, (cls(images) @ cls(refs).T).mean(1), rtol=1e-5, atol=1e-6)
+    grad_images = images.clone().requires_grad_(True)
+    scorer(grad_images, "", refs).sum().backward()
+    assert grad_images.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="reference images"):
+        scorer(images, "")

@@ -3,6 +3,7 @@ image), one preprocessing path, cached models. Families arrive one file each."""
 from .base import RewardModel, cached, offload, preprocess
 from .clip_score import ClipScore
 from .composite import LambdaHarmonic, WeightedReward, lambda_harmonic
+from .dino import DinoSimilarity
 
-__all__ = ["RewardModel", "ClipScore", "LambdaHarmonic", "WeightedReward", "cached", "lambda_harmonic", "offload",
-           "preprocess"]
+__all__ = ["RewardModel", "ClipScore", "DinoSimilarity", "LambdaHarmonic", "WeightedReward", "cached",
+           "lambda_harmonic", "offload", "preprocess"]

@@ -34,18 +34,22 @@ class RewardModel(torch.nn.Module):
         return prompts
 
 
-def preprocess(images: torch.Tensor, size: int, mean: Sequence[float], std: Sequence[float],
+def preprocess(images: torch.Tensor, size: int | tuple[int, int], mean: Sequence[float], std: Sequence[float],
                crop: Optional[int] = None) -> torch.Tensor:
-    """Shortest side to `size` (antialiased bicubic), centre crop to `crop` by slicing, normalise: the
-    processors' steps without PIL, so gradients flow to the images."""
-    crop = crop or size
+    """Shortest side to `size` (or exactly to (height, width)) with antialiased bicubic, centre crop to `crop` by
+    slicing, normalise: the processors' steps without PIL, so gradients flow to the images."""
     h, w = images.shape[-2:]
-    scale = size / min(h, w)
-    new_h, new_w = max(round(h * scale), crop), max(round(w * scale), crop)
+    if isinstance(size, tuple):
+        new_h, new_w = size
+    else:
+        scale = size / min(h, w)
+        new_h, new_w = max(round(h * scale), crop or size), max(round(w * scale), crop or size)
     if (new_h, new_w) != (h, w):
         images = F.interpolate(images, size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False)
-    top, left = (new_h - crop) // 2, (new_w - crop) // 2
-    images = images[..., top:top + crop, left:left + crop]
+    if crop is not None or not isinstance(size, tuple):
+        crop = crop or size
+        top, left = (new_h - crop) // 2, (new_w - crop) // 2
+        images = images[..., top:top + crop, left:left + crop]
     mean = images.new_tensor(mean).view(1, -1, 1, 1)
     std = images.new_tensor(std).view(1, -1, 1, 1)
     return (images - mean) / std
