@@ -11,6 +11,7 @@ from r0_core.loading import TINY_CLIP_DIR
 from r0_core.rewards import base
 from r0_core.rewards.clip_score import ClipScore
 from r0_core.rewards.composite import LambdaHarmonic, WeightedReward
+from r0_core.rewards.aesthetic import AestheticScore
 from r0_core.rewards.dino import DinoSimilarity
 from r0_core.tiny import world
 
@@ -165,3 +166,22 @@ def test_dino_similarity_equals_cls_cosine(kind, tmp_path):
     assert grad_images.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="reference images"):
         scorer(images, "")
+
+
+def test_aesthetic_head_equals_the_linear_stack(random_clip, tmp_path):
+    torch.manual_seed(1)
+    dims = [24, 16, 8, 8, 4, 1]  # the real head is 768-1024-128-64-16-1
+    state = {}
+    for (i, n_in), n_out in zip(zip((0, 2, 4, 6, 7), dims), dims[1:]):
+        state[f"layers.{i}.weight"], state[f"layers.{i}.bias"] = torch.randn(n_out, n_in), torch.randn(n_out)
+    torch.save(state, tmp_path / "head.pth")
+    scorer = AestheticScore.from_pretrained(str(random_clip), str(tmp_path / "head.pth")).eval()
+    images = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        x = scorer.clip.image_embeds(images)
+        for i in (0, 2, 4, 6, 7):
+            x = x @ state[f"layers.{i}.weight"].T + state[f"layers.{i}.bias"]
+    assert torch.allclose(scorer(images), x.squeeze(-1), rtol=1e-5, atol=1e-5)
+    torch.save({"layers.0.weight": torch.zeros(1)}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="lacks layers.0.bias"):
+        AestheticScore.from_pretrained(str(random_clip), str(tmp_path / "other.pth"))
