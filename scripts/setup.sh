@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv (once) and install the pack with its test extra. Sourced by demo.sh and test.sh.
+# Create .venv (once) and install the pack with its test extra; demo.sh, .ci/run and the README use it.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 if [ ! -x .venv/bin/python ]; then
