@@ -57,6 +57,7 @@ def test_shipped_weights_are_small_safetensors():
     tensors = [p for p in files if p.suffix in (".safetensors", ".bin", ".pt", ".pth", ".ckpt")]
     assert tensors and all(p.suffix == ".safetensors" for p in tensors)
     assert sum(p.stat().st_size for p in files) < 60 * 2 ** 20
+    assert max(p.stat().st_size for p in files) < 20 * 2 ** 20
 
 
 def test_build_command_is_seeded_and_resumes_exactly(tmp_path, monkeypatch):

@@ -248,7 +248,8 @@ def save_world(out: str, vae, clip, tokenizer, unet, scheduler, cfg: BuildConfig
     text_encoder.load_state_dict(clip.text_model.state_dict())
     processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
                                    image_mean=[0.5] * 3, image_std=[0.5] * 3, do_convert_rgb=True)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+    # the UNet is stored in fp16 to keep the repository small; loaders cast it to the pipeline's dtype
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet.half(),
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     os.makedirs(out, exist_ok=True)
