@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from r0_core.loading import TINY, TINY_CLIP_DIR, load_pipeline
+from r0_core.rewards import ClipScore, cached
 from r0_core.tiny import oracle, world
 from r0_core.tiny.evaluate import evaluate, grid
 
@@ -35,23 +36,15 @@ def vae_ceiling(pipe, n: int) -> dict:
 
 def clip_zero_shot(n: int) -> dict:
     """How often the tiny CLIP ranks an image's own caption first among all captions of the same kind."""
-    from transformers import CLIPModel, CLIPTokenizer
-
-    model = CLIPModel.from_pretrained(TINY_CLIP_DIR, local_files_only=True).eval()
-    tokenizer = CLIPTokenizer.from_pretrained(TINY_CLIP_DIR, local_files_only=True)
+    scorer = cached(ClipScore, TINY_CLIP_DIR)
     out = {}
     for kind in ("single", "pair"):
         candidates = [world.caption(s) for s in world.all_scenes()[kind]]
         mix = (1, 0, 0) if kind == "single" else (0, 0, 1)
         images, captions = world.sample_batch(seed=77, n=n, mix=mix, held_out=kind == "pair")
         with torch.no_grad():
-            ids = tokenizer(candidates, padding="max_length", max_length=16, return_tensors="pt").input_ids
-            text = model.get_text_features(input_ids=ids)
-            image = model.get_image_features(
-                pixel_values=torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1)
-        # transformers 5 returns an output object where 4.x returned the tensor
-        text, image = [getattr(t, "pooler_output", t) for t in (text, image)]
-        best = (image @ text.T).argmax(1)
+            image = scorer.image_embeds(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255)
+            best = (image @ scorer.text_embeds(candidates).T).argmax(1)
         out[kind] = float(np.mean([candidates[i] == c for i, c in zip(best.tolist(), captions)]))
     return out
 

@@ -5,34 +5,25 @@ and run anywhere. Outside ComfyUI, model folders live under $R0_MODELS_DIR (defa
 """
 from __future__ import annotations
 
-import logging
 import os
 from typing import Callable, Optional
 
-logger = logging.getLogger(__name__)
-
 try:  # inside ComfyUI
-    import comfy.model_management as _mm
     import comfy.utils as _comfy_utils
     import folder_paths as _folder_paths
 except ImportError:  # standalone
-    _mm = _comfy_utils = _folder_paths = None
+    _comfy_utils = _folder_paths = None
 
-IN_COMFYUI = _folder_paths is not None
 MODEL_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
 
 def progress_callback(total: int) -> Callable[[dict], None]:
-    """A core-library callback that advances ComfyUI's progress bar, where Cancel takes effect (it raises)."""
+    """A core-library callback that advances ComfyUI's progress bar; ComfyUI's progress hook raises there when the
+    user cancels, so this is also the cancel check."""
     if _comfy_utils is None:
         return lambda info: None
     bar = _comfy_utils.ProgressBar(total)
     return lambda info: bar.update_absolute(info["i"] + 1, total)
-
-
-def check_cancel() -> None:
-    if _mm is not None:
-        _mm.throw_exception_if_processing_interrupted()
 
 
 # ----------------------------------------------------------------------------------------------- model folders

@@ -5,7 +5,7 @@ from typing import Optional
 
 import torch
 
-from .schedule import sigma_to_timestep
+from .schedule import sigma_to_timestep, sigmas_from_alphas_cumprod
 
 
 class DiffusersDenoiser(torch.nn.Module):
@@ -20,7 +20,8 @@ class DiffusersDenoiser(torch.nn.Module):
             raise ValueError(f"prediction_type={prediction_type!r}; expected 'epsilon', 'v_prediction' or 'sample'")
         self.unet = unet
         self.prediction_type = prediction_type
-        self.register_buffer("alphas_cumprod", alphas_cumprod.detach().float().cpu(), persistent=False)
+        # log σ per training timestep, kept on the CPU: the σ -> t lookup runs once per step
+        self.log_sigmas = sigmas_from_alphas_cumprod(alphas_cumprod.detach().double().cpu()).log()
 
     @classmethod
     def from_pipeline(cls, pipe) -> "DiffusersDenoiser":
@@ -28,7 +29,7 @@ class DiffusersDenoiser(torch.nn.Module):
         return cls(pipe.unet, pipe.scheduler.alphas_cumprod, config.get("prediction_type", "epsilon"))
 
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
-        t = sigma_to_timestep(sigma.detach().cpu(), self.alphas_cumprod)
+        t = sigma_to_timestep(sigma.detach().cpu(), self.log_sigmas)
         # the training grid's σ map back to whole timesteps up to rounding error: snap them
         t = torch.where((t - t.round()).abs() < 1e-3, t.round(), t)
         return t.to(sigma.device)

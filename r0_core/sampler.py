@@ -48,8 +48,8 @@ def sample_r0(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: Optional
     """
     extra_args = {} if extra_args is None else extra_args
     steps = len(sigmas) - 1
-    etas = torch.as_tensor(eta, dtype=torch.float32).expand(steps) if not torch.is_tensor(eta) or eta.ndim == 0 \
-        else eta
+    etas = torch.as_tensor(eta, dtype=torch.float32).reshape(-1)
+    etas = etas.expand(steps) if len(etas) == 1 else etas
     if len(etas) != steps or (etas < 0).any() or (etas > 1).any():
         raise ValueError(f"eta={eta}; expected a value in [0, 1] or {steps} such values, one per step")
     noise_sampler = noise_sampler or (lambda sigma, sigma_next: torch.randn_like(x))

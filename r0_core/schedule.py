@@ -37,14 +37,13 @@ def r0_sigmas(sigma_table: torch.Tensor, steps: int = 4, timesteps: Optional[Seq
     return sigmas_for_timesteps(sigma_table, timesteps)
 
 
-def sigma_to_timestep(sigma: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """The (fractional) timestep of a σ, interpolating log σ between the training timesteps."""
-    log_sigmas = sigmas_from_alphas_cumprod(alphas_cumprod.double()).log()
-    log_sigma = sigma.double().clamp(min=1e-10).log()
-    # log σ rises with t; find the bracketing pair and interpolate
-    high = torch.searchsorted(log_sigmas, log_sigma.reshape(-1)).clamp(1, len(log_sigmas) - 1)
+def sigma_to_timestep(sigma: torch.Tensor, log_sigmas: torch.Tensor) -> torch.Tensor:
+    """The (fractional) timestep of a σ, interpolating log σ between the training timesteps (`log_sigmas`,
+    ascending with t)."""
+    log_sigma = sigma.double().clamp(min=1e-10).log().reshape(-1)
+    high = torch.searchsorted(log_sigmas, log_sigma).clamp(1, len(log_sigmas) - 1)
     low = high - 1
-    w = ((log_sigma.reshape(-1) - log_sigmas[low]) / (log_sigmas[high] - log_sigmas[low])).clamp(0, 1)
+    w = ((log_sigma - log_sigmas[low]) / (log_sigmas[high] - log_sigmas[low])).clamp(0, 1)
     return (low + w).reshape(sigma.shape).to(sigma.dtype)
 
 

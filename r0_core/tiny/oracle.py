@@ -76,15 +76,6 @@ def _components(mask: np.ndarray) -> list[np.ndarray]:
     return out
 
 
-def _name_colour(rgb: np.ndarray) -> Optional[str]:
-    hue, saturation, _ = colorsys.rgb_to_hsv(*np.clip(rgb, 0, 1))
-    if saturation < MIN_SATURATION:
-        return None
-    errors = {name: min(abs(hue * 360 - h), 360 - abs(hue * 360 - h)) for name, h in _HUES.items()}
-    name = min(errors, key=errors.get)
-    return name if errors[name] <= MAX_HUE_ERROR else None
-
-
 def _moments(coverage: np.ndarray):
     """Area, centroid (x, y) and variances (x, y) of a coverage map."""
     area = coverage.sum()
@@ -130,6 +121,11 @@ def _hue_names(rgb: np.ndarray) -> np.ndarray:
     return names
 
 
+def _colour_name(rgb: np.ndarray) -> Optional[str]:
+    index = _hue_names(np.clip(rgb, 0, 1)[None])[0]
+    return list(_HUES)[index] if index >= 0 else None
+
+
 def _split_by_colour(pixels: np.ndarray, smooth: np.ndarray, scale: float) -> list[np.ndarray]:
     """Blur or a narrow gap can fuse two objects into one region; objects of different colours are split
     apart again, each pixel going to the colour whose pixels' centroid is nearest."""
@@ -171,7 +167,7 @@ def detect(image: np.ndarray) -> tuple[list[Detection], int, float]:
         if len(pixels) < MIN_STRAY_AREA * scale:
             continue
         colour_rgb = _core_colour(pixels, distance, image)
-        if len(pixels) < MIN_OBJECT_AREA * scale or _name_colour(colour_rgb) is None:
+        if len(pixels) < MIN_OBJECT_AREA * scale or _colour_name(colour_rgb) is None:
             strays += 1  # too small, or grey: a blemish, not an object of this world
             continue
         # coverage: how much of each pixel the object fills, by projecting the unsmoothed pixel onto the
@@ -182,7 +178,7 @@ def detect(image: np.ndarray) -> tuple[list[Detection], int, float]:
         coverage = np.clip((image - background) @ contrast / max(contrast @ contrast, 1e-6), 0, 1) * region
         ys, xs = np.indices((h, w)) + 0.5
         cx, cy = (coverage * xs).sum() / coverage.sum() / w, (coverage * ys).sum() / coverage.sum() / h
-        detections.append(Detection(_name_colour(colour_rgb), _name_shape(coverage), float(cx), float(cy),
+        detections.append(Detection(_colour_name(colour_rgb), _name_shape(coverage), float(cx), float(cy),
                                     len(pixels)))
     foreground = distance > FOREGROUND_DISTANCE / 2
     background_std = float(image[~foreground].std(0).mean()) if (~foreground).any() else 1.0
