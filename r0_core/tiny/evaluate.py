@@ -7,6 +7,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..generate import generate
 from . import oracle, world
 
 
@@ -48,8 +49,6 @@ def sample_images(pipe, prompts: list[str], *, steps: int, guidance: float, seed
 def r0_images(pipe, prompts: list[str], *, steps: int, guidance: float, eta: float = 0.0, seed: int = 0,
               batch_size: int = 64, progress: bool = True) -> np.ndarray:
     """Like `sample_images`, with the R0 few-step sampler instead of the pipeline's scheduler."""
-    from ..generate import generate
-
     bar = tqdm(total=-(-len(prompts) // batch_size) * steps, desc=f"{steps}-step R0 sampler", unit="step",
                disable=not progress)
     out = []
