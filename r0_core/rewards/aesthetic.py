@@ -3,11 +3,11 @@ ViT-L/14 image embedding. The head file (.safetensors, or .pth read with weights
 folder are both explicit local inputs."""
 from __future__ import annotations
 
-import os
 from typing import Optional, Sequence
 
 import torch
 
+from ..loading import read_checkpoint
 from .base import RewardModel
 from .clip_score import ClipScore
 
@@ -15,15 +15,7 @@ HEAD_LAYERS = (0, 2, 4, 6, 7)  # Linear layers of the original nn.Sequential; 1,
 
 
 def read_head(path: str) -> dict[str, torch.Tensor]:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"aesthetic head {path} not found; expected sac+logos+ava1-l14-linearMSE.pth or "
-                                f"a .safetensors with keys layers.{{0,2,4,6,7}}.weight/bias")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        state = load_file(path)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    state = state.get("state_dict", state)
+    state = read_checkpoint(path)
     missing = [f"layers.{i}.{p}" for i in HEAD_LAYERS for p in ("weight", "bias") if f"layers.{i}.{p}" not in state]
     if missing:
         raise ValueError(f"aesthetic head {path} lacks {', '.join(missing)}; expected the improved-aesthetic-"

@@ -13,6 +13,9 @@ import torch.nn.functional as F
 from ..loading import pick_device_dtype
 
 
+MIN_SIZE = 8  # smaller images carry no signal a vision tower can read
+
+
 class RewardModel(torch.nn.Module):
     """Base of all scorers: `forward(images, prompts, references=None) -> scores [B]`."""
 
@@ -26,6 +29,9 @@ class RewardModel(torch.nn.Module):
         if not torch.is_tensor(images) or images.ndim != 4 or images.shape[1] != 3:
             shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
             raise ValueError(f"images has shape {shape}; expected float [B, 3, H, W] in 0..1")
+        if min(images.shape[-2:]) < MIN_SIZE:
+            raise ValueError(f"images are {images.shape[-2]}x{images.shape[-1]} pixels; scorers need at least "
+                             f"{MIN_SIZE}x{MIN_SIZE} (any larger size and aspect is resized inside)")
         if not torch.isfinite(images).all():
             raise ValueError("images contain NaN or inf; check the generator's output before scoring")
         prompts = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)

@@ -24,17 +24,23 @@ class ClipScore(RewardModel):
         self.size, self.crop, self.mean, self.std = size, crop, mean, std
 
     @classmethod
-    def from_pretrained(cls, folder: str) -> "ClipScore":
+    def from_pretrained(cls, folder: str, tokenizer_dir: Optional[str] = None) -> "ClipScore":
+        """`tokenizer_dir`: where vocab.json + merges.txt (or tokenizer.json) live when the model folder lacks
+        them, as in early PickScore uploads."""
         from transformers import CLIPModel, CLIPTokenizer
 
         require_files(folder, FILES, "CLIP")
+        tokenizer_dir = tokenizer_dir or folder
+        if not any(os.path.isfile(os.path.join(tokenizer_dir, f)) for f in ("tokenizer.json", "vocab.json")):
+            raise FileNotFoundError(f"no CLIP tokenizer in {tokenizer_dir}: expected vocab.json + merges.txt (or "
+                                    f"tokenizer.json); pass the folder that has them as tokenizer_dir")
         processor = read_json(os.path.join(folder, "preprocessor_config.json"))
         size = processor.get("size", {})
         size = size.get("shortest_edge", size.get("height")) if isinstance(size, dict) else size
         crop = processor.get("crop_size", size)
         crop = crop.get("height") if isinstance(crop, dict) else crop
         model = CLIPModel.from_pretrained(folder, local_files_only=True)
-        tokenizer = CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+        tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
         return cls(model, tokenizer, size, crop, processor["image_mean"], processor["image_std"])
 
     def text_embeds(self, prompts: Sequence[str]) -> torch.Tensor:
