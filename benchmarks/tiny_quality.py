@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from r0_core.loading import TINY, TINY_CLIP_DIR, load_pipeline
-from r0_core.rewards import ClipScore, cached
+from r0_core.loading import TINY, load_pipeline
+from r0_core.rewards import load_reward
 from r0_core.tiny import oracle, world
 from r0_core.tiny.evaluate import evaluate, grid
 
@@ -36,7 +36,7 @@ def vae_ceiling(pipe, n: int) -> dict:
 
 def clip_zero_shot(n: int) -> dict:
     """How often the tiny CLIP ranks an image's own caption first among all captions of the same kind."""
-    scorer = cached(ClipScore, TINY_CLIP_DIR)
+    scorer = load_reward("clip", TINY)
     out = {}
     for kind in ("single", "pair"):
         candidates = [world.caption(s) for s in world.all_scenes()[kind]]

@@ -47,14 +47,34 @@ def list_files(folder: str) -> list[str]:
     return sorted(found)
 
 
-def list_pipeline_folders(folder: str = "diffusers") -> list[str]:
-    """Sub-folders holding a diffusers pipeline (model_index.json), as relative paths."""
+def list_model_folders(folder: str, marker: str) -> list[str]:
+    """Sub-folders holding a transformers/diffusers model (`marker`: config.json, model_index.json), as relative
+    paths; ComfyUI's own file lists hold files only."""
     found = set()
     for root in folder_roots(folder):
         for base, _, files in os.walk(root):
-            if "model_index.json" in files:
+            if marker in files:
                 found.add(os.path.relpath(base, root))
     return sorted(found)
+
+
+def list_subfolders(folder: str) -> list[str]:
+    """Every directory under a folder kind, as relative paths (companion files such as tokenizers live in them)."""
+    found = set()
+    for root in folder_roots(folder):
+        for base, dirs, _ in os.walk(root):
+            found.update(os.path.relpath(os.path.join(base, d), root) for d in dirs)
+    return sorted(found)
+
+
+def register_folder(folder: str) -> None:
+    """Add models/<folder> to ComfyUI's model folders, keeping paths that extra_model_paths.yaml already gave it."""
+    if _folder_paths is None:
+        return
+    default = os.path.join(_folder_paths.models_dir, folder)
+    paths, _ = _folder_paths.folder_names_and_paths.get(folder, ([], set()))
+    _folder_paths.folder_names_and_paths[folder] = ([default] + [p for p in paths if p != default],
+                                                    set(MODEL_EXTENSIONS))
 
 
 def resolve(folder: str, name: str) -> str:

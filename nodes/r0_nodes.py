@@ -19,7 +19,7 @@ _CACHE: dict[tuple, dict] = {}  # (path, dtype, device) -> loaded pipeline, kept
 
 
 def model_choices() -> list[str]:
-    return ([TINY] + [f"diffusers/{name}" for name in bridge.list_pipeline_folders("diffusers")]
+    return ([TINY] + [f"diffusers/{name}" for name in bridge.list_model_folders("diffusers", "model_index.json")]
             + [f"checkpoints/{name}" for name in bridge.list_files("checkpoints")])
 
 

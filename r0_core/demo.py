@@ -12,9 +12,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .loading import TINY, TINY_CLIP_DIR, load_pipeline
+from .loading import TINY, load_pipeline
 from .tiny import oracle
-from .rewards import ClipScore, cached
+from .rewards import load_reward
 from .tiny.evaluate import grid, r0_images, sample_images
 
 PROMPTS = [
@@ -36,7 +36,7 @@ def main(argv=None):
 
     started = time.time()
     pipe = load_pipeline(args.model)
-    clip_score = cached(ClipScore, TINY_CLIP_DIR)
+    clip_score = load_reward("clip", TINY)
     prompts = [p for p in PROMPTS for _ in range(args.images_per_prompt)]
     report = {"model": args.model, "guidance": args.guidance, "seed": args.seed, "runs": {}}
     rows = []

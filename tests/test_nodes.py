@@ -17,6 +17,13 @@ PUBLIC_API = {
                           "height", "offload"],
     "R0Sampler": ["eta"],
     "R0Sigmas": ["model", "steps", "timesteps"],
+    "RewardLoader": ["family", "model", "support", "device", "dtype"],
+    "RewardScore": ["reward_model", "images", "prompts", "batch_size", "offload", "references"],
+    "RewardRankSelect": ["reward_model", "images", "prompts", "k", "threshold", "batch_size", "offload",
+                         "references"],
+    "RewardCombine": ["reward_1", "weight_1", "weight_2", "weight_3", "weight_4", "normalize_gradients",
+                      "reward_2", "reward_3", "reward_4"],
+    "RewardLambdaHarmonic": ["encoder", "references", "lam"],
 }
 
 

@@ -7,9 +7,10 @@ import pytest
 import torch
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
-from r0_core.loading import TINY_CLIP_DIR
+from r0_core.loading import TINY, TINY_CLIP_DIR
 from r0_core.rewards import base
 from r0_core.rewards.clip_score import ClipScore
+from r0_core.rewards.families import load_reward, offload
 from r0_core.rewards.composite import LambdaHarmonic, WeightedReward
 from r0_core.rewards.aesthetic import AestheticScore
 from r0_core.rewards.dino import DinoSimilarity
@@ -68,20 +69,28 @@ def test_bad_input_and_missing_files_are_named(random_clip, tmp_path):
     with pytest.raises(ValueError, match="NaN"):
         scorer(torch.full((1, 3, 32, 32), float("nan")), "a red circle")
     (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(FileNotFoundError, match="lacks preprocessor_config.json"):
+    with pytest.raises(FileNotFoundError, match="lacks its weights"):
+        ClipScore.from_pretrained(str(tmp_path))
+    shutil.copy(random_clip / "model.safetensors", tmp_path)
+    with pytest.raises(FileNotFoundError, match="lacks vocab.json, merges.txt"):
         ClipScore.from_pretrained(str(tmp_path))
 
 
 def test_models_are_cached_and_offloaded():
-    a = base.cached(ClipScore, TINY_CLIP_DIR, device="cpu")
-    assert base.cached(ClipScore, TINY_CLIP_DIR, device="cpu") is a
-    assert not any(p.requires_grad for p in a.parameters())
-    base.offload()
+    a = load_reward("clip", TINY, device="cpu")
+    assert load_reward("clip", TINY_CLIP_DIR, device="cpu") is a
+    assert load_reward("clip", TINY, device="cpu", dtype=torch.float64) is not a
+    assert not any(p.requires_grad for p in a.parameters()) and not a.training
+    offload()
     assert next(a.parameters()).device.type == "cpu"
+    with pytest.raises(ValueError, match="family 'clip'"):
+        load_reward("hpsv2", TINY)
+    with pytest.raises(ValueError, match="choose one of clip, hpsv2"):
+        load_reward("hps", TINY)
 
 
 def test_tiny_clip_prefers_the_true_caption():
-    scorer = base.cached(ClipScore, TINY_CLIP_DIR, device="cpu")
+    scorer = load_reward("clip", TINY, device="cpu")
     images, captions = world.sample_batch(seed=3, n=32, mix=(1, 0, 0))
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
     other = captions[1:] + captions[:1]

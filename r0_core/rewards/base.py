@@ -10,9 +10,10 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..loading import pick_device_dtype
 
 
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's normalisation, also used by HPS and ImageReward
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 MIN_SIZE = 8  # smaller images carry no signal a vision tower can read
 
 
@@ -41,9 +42,9 @@ class RewardModel(torch.nn.Module):
 
 
 def preprocess(images: torch.Tensor, size: int | tuple[int, int], mean: Sequence[float], std: Sequence[float],
-               crop: Optional[int] = None) -> torch.Tensor:
-    """Shortest side to `size` (or exactly to (height, width)) with antialiased bicubic, centre crop to `crop` by
-    slicing, normalise: the processors' steps without PIL, so gradients flow to the images."""
+               crop: Optional[int] = None, mode: str = "bicubic") -> torch.Tensor:
+    """Shortest side to `size` (or exactly to (height, width)) with antialiased `mode` resizing, centre crop to
+    `crop` by slicing, normalise: the processors' steps without PIL, so gradients flow to the images."""
     h, w = images.shape[-2:]
     if isinstance(size, tuple):
         new_h, new_w = size
@@ -51,7 +52,7 @@ def preprocess(images: torch.Tensor, size: int | tuple[int, int], mean: Sequence
         scale = size / min(h, w)
         new_h, new_w = max(round(h * scale), crop or size), max(round(w * scale), crop or size)
     if (new_h, new_w) != (h, w):
-        images = F.interpolate(images, size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False)
+        images = F.interpolate(images, size=(new_h, new_w), mode=mode, antialias=True, align_corners=False)
     if crop is not None or not isinstance(size, tuple):
         crop = crop or size
         top, left = (new_h - crop) // 2, (new_w - crop) // 2
@@ -75,18 +76,20 @@ def read_json(path: str) -> dict:
         return json.load(f)
 
 
-_CACHE: dict[tuple, RewardModel] = {}
-
-
-def cached(cls, path: str, device=None, dtype=None, **kwargs) -> RewardModel:
-    """One instance per (class, path, dtype, device), reused between calls; `offload()` moves them all to CPU."""
-    device, dtype = pick_device_dtype(device, dtype)
-    key = (cls.__name__, os.path.realpath(path), str(dtype), str(device), tuple(sorted(kwargs.items())))
-    if key not in _CACHE:
-        _CACHE[key] = cls.from_pretrained(path, **kwargs).to(device, dtype).eval().requires_grad_(False)
-    return _CACHE[key].to(device)
-
-
-def offload() -> None:
-    for model in _CACHE.values():
-        model.to("cpu")
+@torch.no_grad()
+def score_in_batches(scorer: RewardModel, images: torch.Tensor, prompts: Sequence[str] | str,
+                     references: Optional[torch.Tensor] = None, batch_size: int = 16,
+                     callback=None) -> torch.Tensor:
+    """Scores [B] (float32, CPU) of any number of images, `batch_size` at a time on the scorer's device;
+    `callback({"i": chunk, "total": chunks})` after each chunk (progress, and where a host can cancel)."""
+    prompts = scorer.check_inputs(images, prompts)
+    device = next(scorer.parameters()).device
+    references = None if references is None else references.to(device)
+    starts = range(0, len(images), batch_size)
+    scores = []
+    for i, start in enumerate(starts):
+        chunk = images[start:start + batch_size].to(device)
+        scores.append(scorer(chunk, prompts[start:start + batch_size], references).float().cpu())
+        if callback is not None:
+            callback({"i": i, "total": len(starts)})
+    return torch.cat(scores)

@@ -12,8 +12,10 @@ class WeightedReward(RewardModel):
     """Σ_i w_i r_i(images, prompts). `r0_surrogate` gives the loss whose image gradient is R0's normalised
     direction −Σ_i w_i g_i / ||g_i|| (g_i = ∂r_i/∂images per image), so no reward dominates by scale alone."""
 
-    def __init__(self, scorers: Sequence[RewardModel], weights: Optional[Sequence[float]] = None):
+    def __init__(self, scorers: Sequence[RewardModel], weights: Optional[Sequence[float]] = None,
+                 normalize_gradients: bool = True):
         super().__init__()
+        self.normalize_gradients = normalize_gradients  # what an R0 trainer should do with this reward
         weights = [1.0] * len(scorers) if weights is None else list(weights)
         if not scorers or len(weights) != len(scorers):
             raise ValueError(f"got {len(scorers)} scorers and {len(weights)} weights; pass one weight per scorer")
@@ -46,17 +48,23 @@ def lambda_harmonic(image_ref_cos: torch.Tensor, image_text_cos: torch.Tensor, l
 
 class LambdaHarmonic(RewardModel):
     """λ-Harmonic reward over any scorer with `image_embeds` and `text_embeds` (CLIP-like or ALIGN):
-    I = mean cosine to the reference images, T = cosine to the prompt."""
+    I = mean cosine to the reference images, T = cosine to the prompt. References given here are the default
+    for every call (a subject's photos, bound once)."""
 
-    def __init__(self, encoder: RewardModel, lam: float = 0.5):
+    def __init__(self, encoder: RewardModel, lam: float = 0.5, references: Optional[torch.Tensor] = None):
         super().__init__()
-        self.encoder, self.lam = encoder, lam
+        if not (hasattr(encoder, "image_embeds") and hasattr(encoder, "text_embeds")):
+            raise ValueError(f"the λ-Harmonic encoder must embed images and text (CLIP, HPSv2, PickScore or ALIGN); "
+                             f"got {type(encoder).__name__}")
+        lambda_harmonic(torch.zeros(1), torch.zeros(1), lam)  # validates lam now rather than at the first call
+        self.encoder, self.lam, self.references = encoder, lam, references
 
     def forward(self, images, prompts, references=None):
         prompts = self.check_inputs(images, prompts)
+        references = self.references if references is None else references
         if references is None or len(references) == 0:
             raise ValueError("LambdaHarmonic needs reference images [N, 3, H, W] in 0..1 (the subject's photos)")
         image = self.encoder.image_embeds(images)
-        refs = self.encoder.image_embeds(references)
+        refs = self.encoder.image_embeds(references.to(images))
         text = self.encoder.text_embeds(prompts)
         return lambda_harmonic((image @ refs.T).mean(1), (image * text).sum(-1), self.lam)

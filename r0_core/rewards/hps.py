@@ -1,0 +1,162 @@
+"""HPS v2 / v2.1 (Human Preference Score): cos(image, text) of an open_clip ViT-H-14 fine-tuned on human
+preferences. The official open_clip checkpoint is remapped onto a transformers CLIPModel, so neither open_clip nor
+torchvision is needed. Scores compare images of the *same* prompt; v2 and v2.1 scores are not comparable."""
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..loading import ModelLoadError, read_checkpoint
+from .base import OPENAI_MEAN, OPENAI_STD, preprocess
+from .clip_score import ClipScore, clip_tokenizer, features
+
+# keys the architecture is read from; a file without them is some other model
+SHAPE_KEYS = ("visual.conv1.weight", "visual.positional_embedding", "visual.transformer.resblocks.0.mlp.c_fc.weight",
+              "token_embedding.weight", "positional_embedding", "transformer.resblocks.0.mlp.c_fc.weight",
+              "text_projection")
+
+# open_clip name -> transformers CLIPModel name
+TOP = {
+    "visual.class_embedding": "vision_model.embeddings.class_embedding",
+    "visual.positional_embedding": "vision_model.embeddings.position_embedding.weight",
+    "visual.conv1.weight": "vision_model.embeddings.patch_embedding.weight",
+    "visual.ln_pre.weight": "vision_model.pre_layrnorm.weight",  # sic, transformers' spelling
+    "visual.ln_pre.bias": "vision_model.pre_layrnorm.bias",
+    "visual.ln_post.weight": "vision_model.post_layernorm.weight",
+    "visual.ln_post.bias": "vision_model.post_layernorm.bias",
+    "visual.proj": "visual_projection.weight",  # transposed: open_clip computes x @ proj
+    "token_embedding.weight": "text_model.embeddings.token_embedding.weight",
+    "positional_embedding": "text_model.embeddings.position_embedding.weight",
+    "ln_final.weight": "text_model.final_layer_norm.weight",
+    "ln_final.bias": "text_model.final_layer_norm.bias",
+    "text_projection": "text_projection.weight",  # transposed
+    "logit_scale": "logit_scale",
+}
+BLOCK = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
+         "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+TOWERS = {"visual.transformer.resblocks.": "vision_model.encoder.layers.",
+          "transformer.resblocks.": "text_model.encoder.layers."}
+
+
+def letterbox(images: torch.Tensor, size: int) -> torch.Tensor:
+    """hpsv2's ResizeMaxSize: longest side to `size` (antialiased bicubic), then pad to a square with black,
+    centred, in pixel space so the padding is 0 before normalisation. Differentiable."""
+    h, w = images.shape[-2:]
+    scale = size / max(h, w)
+    new_h, new_w = max(round(h * scale), 1), max(round(w * scale), 1)
+    if (new_h, new_w) != (h, w):
+        images = F.interpolate(images, size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False)
+    # hpsv2 pads only when it resized; we always pad, which is the same for every input it can score
+    pad_h, pad_w = size - new_h, size - new_w
+    return F.pad(images, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
+
+
+def vision_heads(width: int) -> int:
+    """open_clip ViTs use 64-wide heads (B: 768 -> 12, L: 1024 -> 16), except H/g/bigG (widths 1280, 1408, 1664),
+    whose head widths of 80/88/104 make 16 heads. Shapes cannot tell; pass `config` to override."""
+    return 16 if width > 1024 else max(width // 64, 1)
+
+
+def infer_config(state: dict, tokenizer, overrides: Optional[dict] = None) -> dict:
+    """CLIPConfig arguments read off the tensor shapes of an open_clip state dict (head counts by the rule above)."""
+    def count(prefix):
+        return len({k[len(prefix):].split(".")[0] for k in state if k.startswith(prefix)})
+
+    width, _, patch, _ = state["visual.conv1.weight"].shape
+    grid = int((state["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+    vocab, text_width = state["token_embedding.weight"].shape
+    common = dict(hidden_act="gelu", layer_norm_eps=1e-5)  # laion/HPS use exact GELU, not OpenAI's quick_gelu
+    vision = dict(common, hidden_size=width, patch_size=patch, image_size=grid * patch,
+                  intermediate_size=state["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+                  num_hidden_layers=count("visual.transformer.resblocks."), num_attention_heads=vision_heads(width))
+    # pooling: transformers takes the first `eos_token_id` (argmax of ids only when eos_token_id == 2); open_clip
+    # takes the argmax id, which is the eos token of the real 49408-token vocabulary. The tokenizer's eos works for
+    # both that and tiny vocabularies.
+    text = dict(common, hidden_size=text_width, vocab_size=vocab, num_attention_heads=max(text_width // 64, 1),
+                intermediate_size=state["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+                num_hidden_layers=count("transformer.resblocks."),
+                max_position_embeddings=state["positional_embedding"].shape[0],
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id)
+    config = dict(vision_config=vision, text_config=text, projection_dim=state["text_projection"].shape[1])
+    for key, value in (overrides or {}).items():
+        config[key] = {**config[key], **value} if isinstance(value, dict) else value
+    return config
+
+
+def to_transformers(state: dict) -> tuple[dict, list[str]]:
+    """open_clip state dict -> (CLIPModel state dict in fp32, keys it has no place for)."""
+    out, unknown = {}, []
+    for key, value in state.items():
+        value = value.float()
+        tower = next((p for p in TOWERS if key.startswith(p)), None)
+        if key in TOP:
+            out[TOP[key]] = value.T if key in ("visual.proj", "text_projection") else value
+        elif tower is not None:
+            i, name = key[len(tower):].split(".", 1)
+            layer = f"{TOWERS[tower]}{i}."
+            module, _, param = name.rpartition(".")
+            if name.startswith("attn.in_proj_"):  # fused q/k/v -> three projections
+                for proj, part in zip("qkv", value.chunk(3)):
+                    out[f"{layer}self_attn.{proj}_proj.{name.rsplit('_', 1)[1]}"] = part
+            elif module in BLOCK:
+                out[f"{layer}{BLOCK[module]}.{param}"] = value
+            else:
+                unknown.append(key)
+        else:
+            unknown.append(key)
+    return out, unknown
+
+
+def not_hps(path: str, detail: str) -> ModelLoadError:
+    return ModelLoadError(f"{path} is not an open_clip HPS checkpoint ({detail}); expected HPS_v2_compressed.pt or "
+                          f"HPS_v2.1_compressed.pt (or a .safetensors of it): open_clip ViT-H-14 keys such as "
+                          f"visual.conv1.weight, token_embedding.weight, transformer.resblocks.0.attn.in_proj_weight")
+
+
+class HPSv2(ClipScore):
+    """HPS v2 and v2.1: cos(L2-normalised image feature, L2-normalised text feature), no logit scale."""
+
+    @classmethod
+    def from_pretrained(cls, checkpoint_path: str, tokenizer_dir: str, config: Optional[dict] = None) -> "HPSv2":
+        """`checkpoint_path`: the official open_clip file (dict with 'state_dict', fp16) or a .safetensors of the
+        same keys, `module.` prefix allowed. `tokenizer_dir`: OpenAI CLIP's vocab.json + merges.txt (or
+        tokenizer.json). `config`: CLIPConfig entries to override what is inferred, e.g.
+        {"vision_config": {"num_attention_heads": 16}}. Weights load in fp32; choose the dtype with .to()."""
+        from transformers import CLIPConfig, CLIPModel
+
+        tokenizer = clip_tokenizer(tokenizer_dir)
+        state = {k.removeprefix("module."): v for k, v in read_checkpoint(checkpoint_path).items()}
+        lacking = [k for k in SHAPE_KEYS if k not in state]
+        if lacking:
+            found = ", ".join(list(state)[:4]) or "nothing"
+            raise not_hps(checkpoint_path, f"it lacks {', '.join(lacking)}; its keys start {found}")
+        clip_config = CLIPConfig(**infer_config(state, tokenizer, config))
+        if len(tokenizer) > clip_config.text_config.vocab_size:
+            raise ModelLoadError(f"tokenizer in {tokenizer_dir} has {len(tokenizer)} tokens but {checkpoint_path} "
+                                 f"embeds {clip_config.text_config.vocab_size}; pass OpenAI CLIP's BPE files")
+
+        # strict: every weight of the checkpoint used, every weight of the model given
+        weights, unknown = to_transformers(state)
+        del state  # the fp16 copy: 2 GB for ViT-H
+        with torch.device("meta"):
+            expected = set(CLIPModel(clip_config).state_dict())
+        missing, unknown = sorted(expected - set(weights)), unknown + sorted(set(weights) - expected)
+        if missing or unknown:
+            raise not_hps(checkpoint_path, f"missing {', '.join(missing[:5]) or 'none'}; "
+                                           f"unexpected {', '.join(unknown[:5]) or 'none'}")
+        model = CLIPModel.from_pretrained(None, config=clip_config, state_dict=weights, dtype=torch.float32)
+        size = clip_config.vision_config.image_size
+        return cls(model.eval(), tokenizer, size, None, OPENAI_MEAN, OPENAI_STD)
+
+    def image_embeds(self, images: torch.Tensor) -> torch.Tensor:
+        pixels = preprocess(letterbox(images.float(), self.size), (self.size, self.size), self.mean, self.std)
+        image = features(self.model.get_image_features(pixel_values=pixels.to(self.model.dtype)))
+        return F.normalize(image.float(), dim=-1)
+
+    def forward(self, images: torch.Tensor, prompts: Sequence[str] | str,
+                references: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.cosine(images, prompts)

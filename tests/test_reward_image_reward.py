@@ -1,0 +1,166 @@
+"""ImageReward: tiny random weights of the real architecture, saved in the official flat ImageReward.pt layout,
+scored exactly as an independent reference computation (hand-written timm-style BLIP ViT, BLIP text encoder with
+cross-attention, linear MLP, standardisation)."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from transformers import BertTokenizer, BlipTextConfig, BlipTextModel
+
+from r0_core.loading import ModelLoadError
+from r0_core.rewards.image_reward import ImageReward
+
+WIDTH, LAYERS, HEADS, PATCH, SIZE = 128, 2, 2, 8, 32  # tiny ViT: heads = width // 64, as BLIP's ViT-L/16
+WORDS = ("a an the of on in with and red green blue yellow black white small big circle square triangle cat dog "
+         "house tree sky photo painting above below left right ##s ##ing").split()
+MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+PROMPTS = ["a red circle", "Blue squares above the big tree",
+           " ".join(["a small cat on the left of a white house"] * 5)]  # 55 words: truncated to 35 tokens
+
+
+def tokenizer_for(folder):
+    tokenizer = BertTokenizer.from_pretrained(folder)
+    tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+    tokenizer.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
+    return tokenizer
+
+
+def random_vit(generator):
+    def rand(*shape, scale=0.1):
+        return torch.randn(*shape, generator=generator) * scale
+
+    vit = {"cls_token": rand(1, 1, WIDTH), "pos_embed": rand(1, (SIZE // PATCH) ** 2 + 1, WIDTH),
+           "patch_embed.proj.weight": rand(WIDTH, 3, PATCH, PATCH), "patch_embed.proj.bias": rand(WIDTH),
+           "norm.weight": 1 + rand(WIDTH), "norm.bias": rand(WIDTH)}
+    for i in range(LAYERS):
+        for name, (out, inp) in {"attn.qkv": (3 * WIDTH, WIDTH), "attn.proj": (WIDTH, WIDTH),
+                                 "mlp.fc1": (4 * WIDTH, WIDTH), "mlp.fc2": (WIDTH, 4 * WIDTH)}.items():
+            vit[f"blocks.{i}.{name}.weight"], vit[f"blocks.{i}.{name}.bias"] = rand(out, inp), rand(out)
+        for norm in ("norm1", "norm2"):
+            vit[f"blocks.{i}.{norm}.weight"], vit[f"blocks.{i}.{norm}.bias"] = 1 + rand(WIDTH), rand(WIDTH)
+    return vit
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("image_reward")
+    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[unused0]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]))
+    tokenizer = tokenizer_for(folder)
+    med = {"architectures": ["BertModel"], "hidden_act": "gelu", "hidden_size": 32, "intermediate_size": 64,
+           "num_hidden_layers": 2, "num_attention_heads": 2, "max_position_embeddings": 40, "layer_norm_eps": 1e-12,
+           "vocab_size": len(tokenizer), "pad_token_id": 0, "type_vocab_size": 2, "hidden_dropout_prob": 0.1,
+           "attention_probs_dropout_prob": 0.1, "add_cross_attention": True,
+           "encoder_width": 768}  # stale, as in the official file: the ViT width from the checkpoint wins
+    (folder / "med_config.json").write_text(json.dumps(med))
+
+    generator = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    text_config = BlipTextConfig(**{k: med[k] for k in ("hidden_act", "hidden_size", "intermediate_size",
+                                                        "num_hidden_layers", "num_attention_heads", "vocab_size",
+                                                        "max_position_embeddings", "layer_norm_eps")},
+                                 encoder_hidden_size=WIDTH, initializer_range=0.2, is_decoder=True,
+                                 bos_token_id=None, eos_token_id=None, sep_token_id=None)
+    text = BlipTextModel(text_config, add_pooling_layer=False)
+    vit = random_vit(generator)
+    sizes = (32, 24, 16, 8, 4, 1)
+    mlp = {}
+    for (i, layer) in enumerate((0, 2, 4, 6, 7)):
+        mlp[f"mlp.layers.{layer}.weight"] = torch.randn(sizes[i + 1], sizes[i], generator=generator) / sizes[i] ** .5
+        mlp[f"mlp.layers.{layer}.bias"] = torch.randn(sizes[i + 1], generator=generator)
+    state = {**{f"blip.visual_encoder.{k}": v for k, v in vit.items()},
+             **{f"blip.text_encoder.{k}": v.clone() for k, v in text.state_dict().items()}, **mlp,
+             # unused by the score, present in the official file: ignored
+             "blip.text_encoder.embeddings.position_ids": torch.arange(40)[None],
+             "blip.vision_proj.weight": torch.zeros(256, WIDTH), "blip.text_proj.weight": torch.zeros(256, 32)}
+    torch.save(state, folder / "ImageReward.pt")
+    return dict(folder=folder, state=state, vit=vit, mlp=mlp, text_config=text_config, tokenizer=tokenizer)
+
+
+def vit_reference(vit, pixels):
+    """timm-style BLIP ViT: patchify, [CLS] + positions, pre-norm blocks with fused qkv and exact gelu, final norm."""
+    def ln(x, name):
+        return F.layer_norm(x, (WIDTH,), vit[f"{name}.weight"], vit[f"{name}.bias"], eps=1e-6)
+
+    def lin(x, name):
+        return F.linear(x, vit[f"{name}.weight"], vit[f"{name}.bias"])
+
+    x = F.conv2d(pixels, vit["patch_embed.proj.weight"], vit["patch_embed.proj.bias"], stride=PATCH)
+    x = x.flatten(2).transpose(1, 2)
+    x = torch.cat([vit["cls_token"].expand(len(x), -1, -1), x], 1) + vit["pos_embed"]
+    b, n, _ = x.shape
+    for i in range(LAYERS):
+        qkv = lin(ln(x, f"blocks.{i}.norm1"), f"blocks.{i}.attn.qkv")
+        q, k, v = qkv.view(b, n, 3, HEADS, -1).permute(2, 0, 3, 1, 4)
+        attention = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, -1) @ v
+        x = x + lin(attention.transpose(1, 2).reshape(b, n, WIDTH), f"blocks.{i}.attn.proj")
+        x = x + lin(F.gelu(lin(ln(x, f"blocks.{i}.norm2"), f"blocks.{i}.mlp.fc1")), f"blocks.{i}.mlp.fc2")
+    return ln(x, "norm")
+
+
+def reference_scores(tiny, images, prompts):
+    pixels = (images - MEAN) / STD  # images are already 32x32: no resize, no crop
+    image_tokens = vit_reference(tiny["vit"], pixels)
+    text = BlipTextModel(tiny["text_config"], add_pooling_layer=False).eval()
+    prefix = "blip.text_encoder."
+    text.load_state_dict({k[len(prefix):]: v for k, v in tiny["state"].items()
+                          if k.startswith(prefix) and "position_ids" not in k})
+    ids = tiny["tokenizer"](prompts, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
+    hidden = text(input_ids=ids.input_ids, attention_mask=ids.attention_mask, encoder_hidden_states=image_tokens,
+                  encoder_attention_mask=torch.ones(image_tokens.shape[:2], dtype=torch.long),
+                  is_decoder=False).last_hidden_state
+    r = hidden[:, 0]
+    for layer in (0, 2, 4, 6, 7):
+        r = r @ tiny["mlp"][f"mlp.layers.{layer}.weight"].T + tiny["mlp"][f"mlp.layers.{layer}.bias"]
+    return (r[:, 0] - 0.16717362830052426) / 1.0333394966054072
+
+
+def test_tokenizer_is_blips_with_35_tokens(tiny):
+    tokenizer = tiny["tokenizer"]
+    assert tokenizer.convert_tokens_to_ids(["[DEC]", "[ENC]"]) == [len(WORDS) + 6, len(WORDS) + 7]
+    ids = tokenizer(PROMPTS, padding="max_length", truncation=True, max_length=35).input_ids
+    vocab = {w: i + 6 for i, w in enumerate(WORDS)}
+    assert ids[0][:6] == [3, vocab["a"], vocab["red"], vocab["circle"], 4, 0]  # [CLS] ... [SEP] [PAD]
+    assert len(ids[2]) == 35 and ids[2][0] == 3 and ids[2][-1] == 4  # truncated, [CLS] kept first
+
+
+def test_image_reward_equals_the_reference(tiny):
+    torch.manual_seed(1)
+    images = torch.rand(3, 3, SIZE, SIZE)
+    folder = tiny["folder"]
+    scorer = ImageReward.from_pretrained(str(folder / "ImageReward.pt"), str(folder / "med_config.json"), str(folder))
+    with torch.no_grad():
+        ours, reference = scorer(images, PROMPTS), reference_scores(tiny, images, PROMPTS)
+    assert ours.dtype == torch.float32 and ours.shape == (3,)
+    assert torch.allclose(ours, reference, rtol=1e-5, atol=1e-6), (ours, reference)
+    assert ours.std() > 1e-3  # the prompts and images actually move the score
+
+    save_file({k: v.contiguous() for k, v in tiny["state"].items()}, tiny["folder"] / "ImageReward.safetensors")
+    scorer = ImageReward.from_pretrained(str(tiny["folder"] / "ImageReward.safetensors"))  # configs beside it
+    with torch.no_grad():
+        assert torch.allclose(scorer(images, PROMPTS), ours, rtol=1e-6, atol=1e-7)
+
+
+def test_gradients_reach_the_images(tiny):
+    scorer = ImageReward.from_pretrained(str(tiny["folder"] / "ImageReward.pt"))
+    images = torch.rand(2, 3, 48, 40, requires_grad=True)  # resized and cropped inside, differentiably
+    scorer(images, "a red circle").sum().backward()
+    assert images.grad is not None and images.grad.abs().sum() > 0
+
+
+def test_other_checkpoints_fail_clearly(tiny, tmp_path):
+    aesthetic = {f"layers.{i}.{p}": torch.zeros(1) for i in (0, 2, 4, 6, 7) for p in ("weight", "bias")}
+    open_clip = {"state_dict": {"visual.conv1.weight": torch.zeros(1), "positional_embedding": torch.zeros(1)}}
+    for name, state in (("sac+logos+ava1-l14-linearMSE.pth", aesthetic), ("HPS_v2.1_compressed.pt", open_clip)):
+        torch.save(state, tmp_path / name)
+        with pytest.raises(ModelLoadError, match="is not an ImageReward checkpoint"):
+            ImageReward.from_pretrained(str(tmp_path / name), str(tiny["folder"] / "med_config.json"),
+                                        str(tiny["folder"]))
+
+
+def test_missing_files_are_listed(tmp_path):
+    (tmp_path / "med_config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"missing: ImageReward checkpoint .*vocab\.txt"):
+        ImageReward.from_pretrained(str(tmp_path / "ImageReward.pt"))
