@@ -5,6 +5,9 @@ Samples the tiny model (50-step DDIM, CFG 2) on held-out captions, scores each i
 and with the oracle (1 if the image shows what its caption asks for, else 0), and prints the Spearman rank
 correlation between the two (average ranks for ties), overall and per caption kind.
 
+Then near misses: on rendered images of held-out captions, how often the true caption outscores each caption
+one edit away (another colour, shape, position, the opposite relation, the objects swapped).
+
 Then best-of-N, what the Reward Rank / Select node does: for each caption, N images from the 4-step R0 sampler,
 the one the tiny CLIP ranks first; its oracle accuracy against a random pick (the mean over the N) and against an
 oracle pick (any of the N correct).
@@ -20,7 +23,7 @@ import torch
 
 from r0_core.loading import TINY, load_pipeline
 from r0_core.rewards import load_reward
-from r0_core.tiny import oracle
+from r0_core.tiny import oracle, world
 from r0_core.tiny.evaluate import eval_prompts, r0_images, sample_images
 
 
@@ -36,6 +39,25 @@ def ranks(values: np.ndarray) -> np.ndarray:
 
 def spearman(a, b) -> float:
     return float(np.corrcoef(ranks(np.asarray(a, float)), ranks(np.asarray(b, float)))[0, 1])
+
+
+def near_miss_accuracy(scorer, kind: str, n: int) -> dict:
+    scenes = world.prompt_split(kind)[1 if kind != "single" else 0]
+    wins = {}
+    for i in range(n):
+        scene = scenes[i % len(scenes)]
+        image = torch.from_numpy(world.render(scene, seed=i)).permute(2, 0, 1)[None].float()
+        misses = world.near_misses(scene)
+        with torch.no_grad():
+            r = scorer(image.expand(len(misses) + 1, -1, -1, -1), [world.caption(scene)]
+                       + [world.caption(m) for m in misses]).numpy()
+        for m, score in zip(misses, r[1:]):
+            edit = "relation" if m.relation != scene.relation else "position" if m.position != scene.position \
+                else "colour" if [o.colour for o in m.objects] != [o.colour for o in scene.objects] else "shape"
+            if scene.relation is not None and m.objects == scene.objects[::-1]:
+                edit = "swap"
+            wins.setdefault(edit, []).append(float(r[0] > score))
+    return {edit: float(np.mean(v)) for edit, v in sorted(wins.items())}
 
 
 def best_of_n(pipe, scorer, kind: str, captions: int, n: int) -> dict:
@@ -73,6 +95,8 @@ def main(argv=None):
         correct.append(c)
     report["all"] = {"spearman": spearman(np.concatenate(rewards), np.concatenate(correct)),
                      "n": int(sum(len(c) for c in correct))}
+    for kind in ("single", "positioned", "pair"):
+        report[f"near_miss_{kind}"] = near_miss_accuracy(scorer, kind, args.n)
     for kind in ("single", "positioned", "pair"):
         report[f"best_of_{args.best_of}_{kind}"] = best_of_n(pipe, scorer, kind, args.captions, args.best_of)
     for kind, row in report.items():

@@ -4,22 +4,13 @@ import shutil
 
 import pytest
 import torch
-from transformers import AlignConfig, AlignModel, AlignProcessor, BertTokenizer, EfficientNetImageProcessor
+from transformers import AlignModel, AlignProcessor, BertTokenizer, EfficientNetImageProcessor
 
 from r0_core.loading import TINY_CLIP_DIR
 from r0_core.rewards.align import AlignScore, image_settings
 from r0_core.rewards.composite import LambdaHarmonic, lambda_harmonic
+from tests.reward_weights import ALIGN_BASE_PREPROCESSOR, save_align
 
-# kakaobrain/align-base's preprocessor_config.json, verbatim (huggingface.co/kakaobrain/align-base, commit 44040ee)
-ALIGN_BASE_PREPROCESSOR = {
-    "crop_size": {"height": 289, "width": 289}, "do_center_crop": True, "do_normalize": False, "do_rescale": True,
-    "do_resize": True, "image_mean": [0.5, 0.5, 0.5], "image_processor_type": "EfficientNetImageProcessor",
-    "image_std": [0.5, 0.5, 0.5], "include_top": False, "processor_class": "AlignProcessor", "resample": 2,
-    "rescale_factor": 0.00784313725490196, "rescale_offset": True, "size": {"height": 346, "width": 346}}
-
-WORDS = ("a an the photo of dog cat red blue green circle square triangle on in left right above below moon "
-         "wooden roof great wall subway platform painting van gogh style swimming pool statue liberty volcano "
-         "background outfit picture small big").split()
 PROMPTS = ["a photo of a dog", "a red circle on the left", "a green triangle above a blue square"]
 
 
@@ -28,34 +19,7 @@ def random_align(tmp_path_factory):
     """A tiny random AlignModel (tiny EfficientNet + tiny BERT), align-base's image processor scaled down (346/289
     -> 38/32), and a BERT WordPiece vocab.txt of a few dozen words, as align-base ships them."""
     folder = tmp_path_factory.mktemp("align")
-    torch.manual_seed(0)
-    config = AlignConfig(
-        text_config=dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=64, max_position_embeddings=64),
-        vision_config=dict(image_size=32, width_coefficient=0.25, depth_coefficient=0.5, in_channels=[32, 16, 24],
-                           out_channels=[16, 24, 96], kernel_sizes=[3, 3, 5], strides=[1, 2, 2],
-                           num_block_repeats=[1, 1, 1], expand_ratios=[1, 2, 2], hidden_dim=96),
-        projection_dim=24)  # = the last stage's width (96 * 0.25), the pooled image embedding
-    model = AlignModel(config)
-    with torch.no_grad():
-        for module in model.modules():
-            # the default 0.02-std init leaves the pooled image features ~1e-14 (pure noise after L2 norm): He init
-            # makes the image embedding depend on the image
-            if isinstance(module, torch.nn.Conv2d):
-                torch.nn.init.kaiming_normal_(module.weight)
-            # non-trivial BatchNorm statistics, so eval-mode normalisation is exercised
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.running_mean.uniform_(-0.1, 0.1)
-                module.running_var.uniform_(0.5, 1.5)
-    model.save_pretrained(folder)
-    settings = {k: v for k, v in ALIGN_BASE_PREPROCESSOR.items()
-                if k not in ("image_processor_type", "processor_class")}
-    settings.update(size={"height": 38, "width": 38}, crop_size={"height": 32, "width": 32})
-    EfficientNetImageProcessor(**settings).save_pretrained(folder)
-    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    (folder / "tokenizer_config.json").write_text('{"do_lower_case": true, "model_max_length": 64, '
-                                                  '"tokenizer_class": "BertTokenizer"}')
-    assert len(WORDS) + 5 <= 64
+    save_align(folder)
     return folder
 
 

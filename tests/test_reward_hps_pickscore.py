@@ -1,18 +1,16 @@
 """HPS v2 and PickScore: exact against independent reference computations on tiny random weights saved in each
 family's own on-disk layout, differentiable, and loud about wrong files."""
-import json
 import shutil
-import string
 
 import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+from transformers import CLIPImageProcessor, CLIPModel
 
-from r0_core.loading import TINY_CLIP_DIR
 from r0_core.rewards.hps import HPSv2
 from r0_core.rewards.pickscore import PickScore
+from tests.reward_weights import save_hps, save_pickscore
 
 MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
 STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
@@ -20,30 +18,7 @@ PROMPTS = ["a red circle", "a blue square on the left", "a green triangle above 
 LAYERS, CONTEXT = 2, 16
 
 
-# ---- HPS: open_clip layout and a minimal open_clip forward ----
-
-def open_clip_state(width=128, text_width=128, patch=8, image=32, vocab=54, dim=24):
-    """Random weights under open_clip's key names, fp16 like the official HPS_v2*_compressed.pt."""
-    g = torch.Generator().manual_seed(0)
-    r = lambda *shape: 0.1 * torch.randn(*shape, generator=g)
-    one = lambda n: 1 + r(n)
-    sd = {"visual.class_embedding": r(width), "visual.positional_embedding": r((image // patch) ** 2 + 1, width),
-          "visual.conv1.weight": r(width, 3, patch, patch), "visual.proj": r(width, dim),
-          "visual.ln_pre.weight": one(width), "visual.ln_pre.bias": r(width),
-          "visual.ln_post.weight": one(width), "visual.ln_post.bias": r(width),
-          "token_embedding.weight": r(vocab, text_width), "positional_embedding": r(CONTEXT, text_width),
-          "ln_final.weight": one(text_width), "ln_final.bias": r(text_width), "text_projection": r(text_width, dim),
-          "logit_scale": torch.tensor(4.6052)}
-    for prefix, w in (("visual.transformer.resblocks.", width), ("transformer.resblocks.", text_width)):
-        for i in range(LAYERS):
-            p = f"{prefix}{i}."
-            sd.update({p + "ln_1.weight": one(w), p + "ln_1.bias": r(w), p + "ln_2.weight": one(w),
-                       p + "ln_2.bias": r(w), p + "attn.in_proj_weight": r(3 * w, w), p + "attn.in_proj_bias": r(3 * w),
-                       p + "attn.out_proj.weight": r(w, w), p + "attn.out_proj.bias": r(w),
-                       p + "mlp.c_fc.weight": r(4 * w, w), p + "mlp.c_fc.bias": r(4 * w),
-                       p + "mlp.c_proj.weight": r(w, 4 * w), p + "mlp.c_proj.bias": r(w)})
-    return {k: v.half() for k, v in sd.items()}
-
+# ---- HPS: a minimal open_clip forward over the open_clip checkpoint of reward_weights.save_hps ----
 
 def ln(x, sd, name):
     return F.layer_norm(x, x.shape[-1:], sd[name + ".weight"], sd[name + ".bias"])
@@ -94,14 +69,8 @@ def hps_files(tmp_path_factory):
     """The checkpoint as .pt (dict under 'state_dict') and as .safetensors with a `module.` prefix, and a CLIP BPE
     tokenizer folder whose eos is the highest id, as in OpenAI's vocabulary."""
     root = tmp_path_factory.mktemp("hps")
-    sd = open_clip_state()
-    torch.save({"state_dict": sd}, root / "HPS_v2.1_compressed.pt")
-    save_file({"module." + k: v for k, v in sd.items()}, root / "HPS_v2.1_compressed.safetensors")
-    tokens = ["<|startoftext|>", *string.ascii_lowercase, *(c + "</w>" for c in string.ascii_lowercase),
-              "<|endoftext|>"]
-    (root / "tokenizer").mkdir()
-    (root / "tokenizer" / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
-    (root / "tokenizer" / "merges.txt").write_text("#version: 0.2\n")
+    checkpoint, _ = save_hps(root, layers=LAYERS, context=CONTEXT)
+    sd = torch.load(checkpoint, weights_only=True)["state_dict"]
     return root, {k: v.float() for k, v in sd.items()}
 
 
@@ -158,18 +127,7 @@ def test_hps_refuses_other_files(hps_files, tmp_path):
 def pick_folder(tmp_path_factory):
     """A tiny random CLIPModel without processor or tokenizer files (early PickScore uploads), the tokenizer aside."""
     folder = tmp_path_factory.mktemp("pickscore")
-    torch.manual_seed(0)
-    config = CLIPConfig(
-        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                         vocab_size=100, max_position_embeddings=16, bos_token_id=0, eos_token_id=1,
-                         pad_token_id=1, hidden_act="gelu"),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=32, patch_size=8, hidden_act="gelu"),
-        projection_dim=24, logit_scale_init_value=4.6052)
-    CLIPModel(config).save_pretrained(folder / "model")
-    (folder / "tokenizer").mkdir()
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(f"{TINY_CLIP_DIR}/{name}", folder / "tokenizer" / name)
+    save_pickscore(folder)
     return folder
 
 

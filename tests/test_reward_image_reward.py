@@ -11,10 +11,11 @@ from transformers import BertTokenizer, BlipTextConfig, BlipTextModel
 
 from r0_core.loading import ModelLoadError
 from r0_core.rewards.image_reward import ImageReward
+from tests.reward_weights import IMAGE_REWARD_WORDS as WORDS
+from tests.reward_weights import save_image_reward
 
 WIDTH, LAYERS, HEADS, PATCH, SIZE = 128, 2, 2, 8, 32  # tiny ViT: heads = width // 64, as BLIP's ViT-L/16
-WORDS = ("a an the of on in with and red green blue yellow black white small big circle square triangle cat dog "
-         "house tree sky photo painting above below left right ##s ##ing").split()
+VIT = "blip.visual_encoder."
 MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
 STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
 PROMPTS = ["a red circle", "Blue squares above the big tree",
@@ -28,55 +29,22 @@ def tokenizer_for(folder):
     return tokenizer
 
 
-def random_vit(generator):
-    def rand(*shape, scale=0.1):
-        return torch.randn(*shape, generator=generator) * scale
-
-    vit = {"cls_token": rand(1, 1, WIDTH), "pos_embed": rand(1, (SIZE // PATCH) ** 2 + 1, WIDTH),
-           "patch_embed.proj.weight": rand(WIDTH, 3, PATCH, PATCH), "patch_embed.proj.bias": rand(WIDTH),
-           "norm.weight": 1 + rand(WIDTH), "norm.bias": rand(WIDTH)}
-    for i in range(LAYERS):
-        for name, (out, inp) in {"attn.qkv": (3 * WIDTH, WIDTH), "attn.proj": (WIDTH, WIDTH),
-                                 "mlp.fc1": (4 * WIDTH, WIDTH), "mlp.fc2": (WIDTH, 4 * WIDTH)}.items():
-            vit[f"blocks.{i}.{name}.weight"], vit[f"blocks.{i}.{name}.bias"] = rand(out, inp), rand(out)
-        for norm in ("norm1", "norm2"):
-            vit[f"blocks.{i}.{norm}.weight"], vit[f"blocks.{i}.{norm}.bias"] = 1 + rand(WIDTH), rand(WIDTH)
-    return vit
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
+    """The official files written by reward_weights.save_image_reward, read back for the reference: the flat state
+    dict split into the ViT and the MLP, the text config from med_config.json, BLIP's tokenizer."""
     folder = tmp_path_factory.mktemp("image_reward")
-    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[unused0]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]))
-    tokenizer = tokenizer_for(folder)
-    med = {"architectures": ["BertModel"], "hidden_act": "gelu", "hidden_size": 32, "intermediate_size": 64,
-           "num_hidden_layers": 2, "num_attention_heads": 2, "max_position_embeddings": 40, "layer_norm_eps": 1e-12,
-           "vocab_size": len(tokenizer), "pad_token_id": 0, "type_vocab_size": 2, "hidden_dropout_prob": 0.1,
-           "attention_probs_dropout_prob": 0.1, "add_cross_attention": True,
-           "encoder_width": 768}  # stale, as in the official file: the ViT width from the checkpoint wins
-    (folder / "med_config.json").write_text(json.dumps(med))
-
-    generator = torch.Generator().manual_seed(0)
-    torch.manual_seed(0)
+    checkpoint, _ = save_image_reward(folder, width=WIDTH, layers=LAYERS, patch=PATCH, image=SIZE)
+    state = torch.load(checkpoint, weights_only=True)
+    med = json.loads((folder / "med_config.json").read_text())
     text_config = BlipTextConfig(**{k: med[k] for k in ("hidden_act", "hidden_size", "intermediate_size",
                                                         "num_hidden_layers", "num_attention_heads", "vocab_size",
                                                         "max_position_embeddings", "layer_norm_eps")},
-                                 encoder_hidden_size=WIDTH, initializer_range=0.2, is_decoder=True,
+                                 encoder_hidden_size=WIDTH, is_decoder=True,
                                  bos_token_id=None, eos_token_id=None, sep_token_id=None)
-    text = BlipTextModel(text_config, add_pooling_layer=False)
-    vit = random_vit(generator)
-    sizes = (32, 24, 16, 8, 4, 1)
-    mlp = {}
-    for (i, layer) in enumerate((0, 2, 4, 6, 7)):
-        mlp[f"mlp.layers.{layer}.weight"] = torch.randn(sizes[i + 1], sizes[i], generator=generator) / sizes[i] ** .5
-        mlp[f"mlp.layers.{layer}.bias"] = torch.randn(sizes[i + 1], generator=generator)
-    state = {**{f"blip.visual_encoder.{k}": v for k, v in vit.items()},
-             **{f"blip.text_encoder.{k}": v.clone() for k, v in text.state_dict().items()}, **mlp,
-             # unused by the score, present in the official file: ignored
-             "blip.text_encoder.embeddings.position_ids": torch.arange(40)[None],
-             "blip.vision_proj.weight": torch.zeros(256, WIDTH), "blip.text_proj.weight": torch.zeros(256, 32)}
-    torch.save(state, folder / "ImageReward.pt")
-    return dict(folder=folder, state=state, vit=vit, mlp=mlp, text_config=text_config, tokenizer=tokenizer)
+    vit = {k[len(VIT):]: v for k, v in state.items() if k.startswith(VIT)}
+    mlp = {k: v for k, v in state.items() if k.startswith("mlp.")}
+    return dict(folder=folder, state=state, vit=vit, mlp=mlp, text_config=text_config, tokenizer=tokenizer_for(folder))
 
 
 def vit_reference(vit, pixels):

@@ -5,7 +5,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+from transformers import CLIPImageProcessor, CLIPModel
 
 from r0_core.loading import TINY, TINY_CLIP_DIR
 from r0_core.rewards import base
@@ -15,24 +15,14 @@ from r0_core.rewards.composite import LambdaHarmonic, WeightedReward
 from r0_core.rewards.aesthetic import AestheticScore
 from r0_core.rewards.dino import DinoSimilarity
 from r0_core.tiny import world
+from tests.reward_weights import save_aesthetic, save_clip, save_dino
 
 
 @pytest.fixture(scope="module")
 def random_clip(tmp_path_factory):
     """A small random CLIPModel saved as a transformers folder, with OpenAI's normalisation constants."""
     folder = tmp_path_factory.mktemp("clip")
-    torch.manual_seed(0)
-    config = CLIPConfig(
-        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                         vocab_size=100, max_position_embeddings=16, bos_token_id=0, eos_token_id=1,
-                         pad_token_id=1),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        projection_dim=24)
-    CLIPModel(config).save_pretrained(folder)
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(f"{TINY_CLIP_DIR}/{name}", folder / name)
+    save_clip(folder)
     return folder
 
 
@@ -145,21 +135,15 @@ def test_lambda_harmonic_formula_and_limits(random_clip):
 
 @pytest.mark.parametrize("kind", ["vit", "dinov2"])
 def test_dino_similarity_equals_cls_cosine(kind, tmp_path):
-    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model, ViTConfig, ViTImageProcessor, ViTModel
+    from transformers import BitImageProcessor, Dinov2Model, ViTImageProcessor, ViTModel
 
-    torch.manual_seed(0)
-    small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
-                 patch_size=8)
+    save_dino(tmp_path, kind)
     if kind == "vit":
-        model = ViTModel(ViTConfig(**small), add_pooling_layer=False)
-        processor = ViTImageProcessor(size={"height": 32, "width": 32})
+        model = ViTModel.from_pretrained(tmp_path, add_pooling_layer=False)
+        processor = ViTImageProcessor.from_pretrained(tmp_path)
     else:
-        model = Dinov2Model(Dinov2Config(**small))
-        processor = BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
-                                      do_center_crop=True, image_mean=[0.485, 0.456, 0.406],
-                                      image_std=[0.229, 0.224, 0.225])
-    model.save_pretrained(tmp_path)
-    processor.save_pretrained(tmp_path)
+        model = Dinov2Model.from_pretrained(tmp_path)
+        processor = BitImageProcessor.from_pretrained(tmp_path)
     scorer = DinoSimilarity.from_pretrained(str(tmp_path)).eval()
     images, refs = torch.rand(2, 3, 32, 32), torch.rand(3, 3, 32, 32)
     ours = scorer(images, "", refs)
@@ -178,13 +162,9 @@ def test_dino_similarity_equals_cls_cosine(kind, tmp_path):
 
 
 def test_aesthetic_head_equals_the_linear_stack(random_clip, tmp_path):
-    torch.manual_seed(1)
-    dims = [24, 16, 8, 8, 4, 1]  # the real head is 768-1024-128-64-16-1
-    state = {}
-    for (i, n_in), n_out in zip(zip((0, 2, 4, 6, 7), dims), dims[1:]):
-        state[f"layers.{i}.weight"], state[f"layers.{i}.bias"] = torch.randn(n_out, n_in), torch.randn(n_out)
-    torch.save(state, tmp_path / "head.pth")
-    scorer = AestheticScore.from_pretrained(str(random_clip), str(tmp_path / "head.pth")).eval()
+    head, _ = save_aesthetic(tmp_path, clip_folder=random_clip)
+    state = torch.load(head, weights_only=True)
+    scorer = AestheticScore.from_pretrained(str(random_clip), head).eval()
     images = torch.rand(3, 3, 32, 32)
     with torch.no_grad():
         x = scorer.clip.image_embeds(images)

@@ -125,9 +125,8 @@ class AlignScore(RewardModel):
         return preprocess(images.float(), self.size, self.mean, self.std, self.crop, self.mode)
 
     def text_embeds(self, prompts: Sequence[str]) -> torch.Tensor:
-        tokens = self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=self.max_length,
-                                return_tensors="pt").to(self.model.device)
-        text = features(self.model.get_text_features(**{k: v for k, v in tokens.items() if k in
+        tokens = self.tokenize(prompts, self.max_length)
+        text = features(self.model.get_text_features(**{k: v.to(self.model.device) for k, v in tokens.items() if k in
                                                         ("input_ids", "attention_mask", "token_type_ids")}))
         return F.normalize(text.float(), dim=-1)
 

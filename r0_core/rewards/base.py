@@ -24,6 +24,21 @@ class RewardModel(torch.nn.Module):
                 references: Optional[torch.Tensor] = None) -> torch.Tensor:
         raise NotImplementedError
 
+    def tokenize(self, prompts: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:
+        """`self.tokenizer` output padded to max_length, cached per prompt: trainers and best-of-N score the same
+        prompts again and again, and at small model sizes tokenizing costs as much as the text tower."""
+        cache = self.__dict__.setdefault("_token_cache", {})
+        new = [p for p in dict.fromkeys(prompts) if (p, max_length) not in cache]
+        if new:
+            if len(cache) > 50_000:
+                cache.clear()
+            out = self.tokenizer(new, padding="max_length", truncation=True, max_length=max_length,
+                                 return_tensors="pt")
+            for i, p in enumerate(new):
+                cache[p, max_length] = {k: v[i] for k, v in out.items()}
+        rows = [cache[p, max_length] for p in prompts]
+        return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+
     @staticmethod
     def check_inputs(images: torch.Tensor, prompts: Sequence[str] | str) -> list[str]:
         """Validate a batch; returns one prompt per image (a single prompt is repeated)."""
@@ -33,7 +48,9 @@ class RewardModel(torch.nn.Module):
         if min(images.shape[-2:]) < MIN_SIZE:
             raise ValueError(f"images are {images.shape[-2]}x{images.shape[-1]} pixels; scorers need at least "
                              f"{MIN_SIZE}x{MIN_SIZE} (any larger size and aspect is resized inside)")
-        if not torch.isfinite(images).all():
+        # one pass: NaN and inf carry into the sum, so a finite sum means finite values; only a sum that is not
+        # (e.g. overflow) needs the element-wise test, which makes several passes (30x slower at 16 x 512²)
+        if not images.detach().sum(dtype=torch.float32).isfinite() and not torch.isfinite(images).all():
             raise ValueError("images contain NaN or inf; check the generator's output before scoring")
         prompts = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
         if len(prompts) != len(images):

@@ -67,9 +67,8 @@ class ClipScore(RewardModel):
         return cls(model.eval(), tokenizer, *image_settings(folder, model.config.vision_config.image_size))
 
     def text_embeds(self, prompts: Sequence[str]) -> torch.Tensor:
-        ids = self.tokenizer(list(prompts), padding="max_length", truncation=True, return_tensors="pt",
-                             max_length=self.model.config.text_config.max_position_embeddings)
-        text = features(self.model.get_text_features(input_ids=ids.input_ids.to(self.model.device)))
+        ids = self.tokenize(prompts, self.model.config.text_config.max_position_embeddings)["input_ids"]
+        text = features(self.model.get_text_features(input_ids=ids.to(self.model.device)))
         return torch.nn.functional.normalize(text.float(), dim=-1)
 
     def image_embeds(self, images: torch.Tensor) -> torch.Tensor:

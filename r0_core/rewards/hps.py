@@ -3,7 +3,6 @@ preferences. The official open_clip checkpoint is remapped onto a transformers C
 torchvision is needed. Scores compare images of the *same* prompt; v2 and v2.1 scores are not comparable."""
 from __future__ import annotations
 
-import os
 from typing import Optional, Sequence
 
 import torch

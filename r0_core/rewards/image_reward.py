@@ -152,10 +152,9 @@ class ImageReward(RewardModel):
         pixels = preprocess(images.float(), self.size, OPENAI_MEAN, OPENAI_STD, self.size)  # ImageReward's transform
         image_tokens = self.vision(pixel_values=pixels.to(self.vision.dtype)).last_hidden_state
         # [CLS] stays at position 0: ImageReward.score does not swap in [ENC] as BLIP's ITM head does
-        ids = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=MAX_TOKENS,
-                             return_tensors="pt").to(image_tokens.device)
+        ids = {k: v.to(image_tokens.device) for k, v in self.tokenize(prompts, MAX_TOKENS).items()}
         # every image token is valid, so no encoder_attention_mask (ImageReward passes all ones)
-        hidden = self.text(input_ids=ids.input_ids, attention_mask=ids.attention_mask,
+        hidden = self.text(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"],
                            encoder_hidden_states=image_tokens, is_decoder=False).last_hidden_state
         reward = hidden[:, 0].float()
         for layer in self.mlp:  # in fp32 as ImageReward does (.float() before the MLP), whatever the tower dtype

@@ -110,6 +110,31 @@ def prompt_split(kind: str) -> tuple[list[Scene], list[Scene]]:
     return [s for i, s in enumerate(scenes) if i not in held], [s for i, s in enumerate(scenes) if i in held]
 
 
+OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+
+
+def near_misses(scene: Scene) -> list[Scene]:
+    """Scenes one edit away: another colour or shape for one object, another position, the opposite relation or
+    the objects swapped. Captions of these are the hard negatives a reward model must tell from the truth."""
+    out = []
+    for i, o in enumerate(scene.objects):
+        taken = {p.colour for j, p in enumerate(scene.objects) if j != i}
+        for c in COLOURS:
+            if c != o.colour and c not in taken:
+                out.append(dataclasses.replace(scene, objects=scene.objects[:i] + (Obj(c, o.shape),)
+                                               + scene.objects[i + 1:]))
+        for s in SHAPES:
+            if s != o.shape:
+                out.append(dataclasses.replace(scene, objects=scene.objects[:i] + (Obj(o.colour, s),)
+                                               + scene.objects[i + 1:]))
+    if scene.position is not None:
+        out += [dataclasses.replace(scene, position=p) for p in POSITIONS if p != scene.position]
+    if scene.relation is not None:
+        out.append(dataclasses.replace(scene, relation=OPPOSITE[scene.relation]))
+        out.append(dataclasses.replace(scene, objects=scene.objects[::-1]))
+    return out
+
+
 def training_captions() -> list[str]:
     return [caption(s) for kind in ("single", "positioned", "pair") for s in prompt_split(kind)[0]]
 
