@@ -59,7 +59,8 @@ def run_workflow(workflow: dict) -> list:
             continue
         cls = NODE_CLASS_MAPPINGS[node["type"]]
         with torch.inference_mode():  # as ComfyUI runs every node
-            results[node["id"]] = getattr(cls(), cls.FUNCTION)(**kwargs)
+            out = getattr(cls(), cls.FUNCTION)(**kwargs)
+            results[node["id"]] = out["result"] if isinstance(out, dict) else out  # output nodes add a "ui" part
     return shown
 
 

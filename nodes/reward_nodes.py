@@ -107,6 +107,7 @@ class RewardScore:
     RETURN_TYPES = ("FLOAT", "STRING")
     RETURN_NAMES = ("scores", "table")
     OUTPUT_IS_LIST = (True, False)
+    OUTPUT_NODE = True  # shows its table in the graph
     FUNCTION = "score"
 
     @classmethod
@@ -123,7 +124,8 @@ class RewardScore:
 
     def score(self, reward_model, images, prompts, batch_size, offload, references=None):
         scores, prompts = run_scorer(reward_model, images, prompts, references, batch_size, offload)
-        return (scores.tolist(), table(scores, prompts))
+        text = table(scores, prompts)
+        return {"ui": {"text": [text]}, "result": (scores.tolist(), text)}
 
 
 class RewardRankSelect:
