@@ -26,6 +26,39 @@ def progress_callback(total: int) -> Callable[[dict], None]:
     return lambda info: bar.update_absolute(info["i"] + 1, total)
 
 
+def cancellable_progress(total: int) -> Callable[[dict], None]:
+    """Like progress_callback, but a Cancel in ComfyUI raises the core library's `Cancelled`, so a trainer can
+    save what it has before the node re-raises the interrupt with `interrupt()`."""
+    update = progress_callback(total)
+    if _comfy_utils is None:
+        return update
+    import comfy.model_management as mm
+
+    def callback(info):
+        try:
+            update(info)
+        except mm.InterruptProcessingException:
+            from r0_core.sampler import Cancelled
+            raise Cancelled
+    return callback
+
+
+def interrupt() -> None:
+    """Stop the rest of the ComfyUI run as a Cancel does (outside ComfyUI, raise Cancelled)."""
+    if _comfy_utils is not None:
+        import comfy.model_management as mm
+        raise mm.InterruptProcessingException()
+    from r0_core.sampler import Cancelled
+    raise Cancelled
+
+
+def output_dir() -> str:
+    """ComfyUI's output folder (standalone: $R0_OUTPUT_DIR, default ./out)."""
+    if _folder_paths is not None:
+        return _folder_paths.get_output_directory()
+    return os.environ.get("R0_OUTPUT_DIR", "out")
+
+
 # ----------------------------------------------------------------------------------------------- model folders
 
 def folder_roots(folder: str) -> list[str]:

@@ -6,6 +6,7 @@ from typing import Optional
 
 import torch
 
+from r0_core import lora
 from r0_core.generate import generate
 from r0_core.loading import TINY, load_pipeline
 from r0_core.sampler import sample_r0
@@ -42,7 +43,7 @@ def get_pipeline(choice: str, dtype: str = "auto", device: str = "auto") -> dict
             pipe = load_pipeline(path, device=None if device == "auto" else device, dtype=DTYPES[dtype],
                                  tokenizer_dir=bridge.sd_tokenizer_dir())
         pipe.set_progress_bar_config(disable=True)
-        _CACHE[key] = {"pipe": pipe, "path": path, "device": pipe.unet.device}
+        _CACHE[key] = {"pipe": pipe, "path": path, "device": pipe.unet.device, "loras": []}
     return _CACHE[key]
 
 
@@ -91,6 +92,7 @@ class R0FewStepGenerate:
 
     def generate(self, pipeline, prompt, steps, eta, guidance, seed, batch_size, width, height, offload):
         pipe = pipeline["pipe"].to(pipeline["device"])
+        lora.use_loras(pipe, pipeline.get("loras", []))  # one cached pipeline serves every branch of the graph
         images, latents = generate(pipe, [prompt] * batch_size, steps=steps, eta=eta, guidance=guidance,
                                    seeds=[seed + i for i in range(batch_size)], height=height, width=width,
                                    callback=bridge.progress_callback(steps))

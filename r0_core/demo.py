@@ -1,6 +1,6 @@
 """The demo: `python -m r0_core.demo`. Renders the built-in tiny model on a few prompts with diffusers' 50-step
-DDIM + CFG and with the R0 sampler at 4 steps, scores every image with the oracle and the tiny CLIP, and
-writes a grid PNG and a JSON report."""
+DDIM + CFG, with the R0 sampler at 4 steps, and (on the tiny model) with the shipped R0 LoRA at 4 steps, scores
+every image with the oracle and the tiny CLIP, and writes a grid PNG and a JSON report."""
 from __future__ import annotations
 
 import argparse
@@ -12,7 +12,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .loading import TINY, load_pipeline
+from . import lora
+from .loading import TINY, TINY_R0_LORA, load_pipeline
 from .tiny import oracle
 from .rewards import load_reward
 from .tiny.evaluate import grid, r0_images, sample_images
@@ -32,6 +33,7 @@ def main(argv=None):
     parser.add_argument("--guidance", type=float, default=2.0)
     parser.add_argument("--eta", type=float, default=0.0, help="η of the 4-step R0 sampler")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--r0-guidance", type=float, default=1.0, help="CFG of the R0 LoRA row (trained without)")
     args = parser.parse_args(argv)
 
     started = time.time()
@@ -45,6 +47,13 @@ def main(argv=None):
         "4-step R0 sampler": lambda: r0_images(pipe, prompts, steps=4, guidance=args.guidance, eta=args.eta,
                                                seed=args.seed),
     }
+    if args.model == TINY and os.path.isfile(TINY_R0_LORA):
+        def trained():
+            lora.use_loras(pipe, [(lora.load_lora(pipe, TINY_R0_LORA, name="r0"), 1.0)])
+            images = r0_images(pipe, prompts, steps=4, guidance=args.r0_guidance, eta=args.eta, seed=args.seed)
+            lora.use_loras(pipe, [])
+            return images
+        settings["4-step R0 LoRA (trained by R0)"] = trained
     for name, sample in settings.items():
         images = sample()
         verdicts = [oracle.judge(im, p) for im, p in zip(images, prompts)]
@@ -55,18 +64,18 @@ def main(argv=None):
             reward = float(clip_score(torch.from_numpy(images).permute(0, 3, 1, 2), prompts).mean())
         report["runs"][name] = {"oracle_accuracy": accuracy, "tiny_clip_score": reward, "per_prompt": per_prompt}
         rows.append(images)
-        print(f"\n{name} (guidance {args.guidance}): oracle accuracy {accuracy:.0%}, tiny-CLIP score {reward:.1f}")
+        print(f"\n{name}: oracle accuracy {accuracy:.0%}, tiny-CLIP score {reward:.1f}")
         for p, a in per_prompt.items():
             print(f"  {a:4.0%}  {p}")
 
     os.makedirs(args.out, exist_ok=True)
-    # one row per prompt: the 50-step images, then the 4-step images of the same seeds
+    # one row per prompt: the 50-step images, then the 4-step images of the same seeds, then the R0 LoRA's
     ordered = [im for i in range(len(PROMPTS)) for run in rows
                for im in run[i * args.images_per_prompt:(i + 1) * args.images_per_prompt]]
     png = os.path.join(args.out, "grid.png")
-    Image.fromarray(grid(np.stack(ordered), columns=2 * args.images_per_prompt)).save(png)
+    Image.fromarray(grid(np.stack(ordered), columns=len(rows) * args.images_per_prompt)).save(png)
     report["seconds"] = round(time.time() - started, 1)
-    report["grid"] = "one row per prompt: 50-step DDIM images on the left, 4-step R0 images of the same seeds right"
+    report["grid"] = ("one row per prompt, same seeds in each group: " + ", then ".join(settings))
     report["prompts"] = PROMPTS
     with open(os.path.join(args.out, "report.json"), "w") as f:
         json.dump(report, f, indent=1)

@@ -19,6 +19,7 @@ PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 CONFIGS_DIR = os.path.join(PACKAGE_DIR, "configs")
 TINY_PIPELINE_DIR = os.path.join(PACKAGE_DIR, "tiny", "weights", "tiny-sd")
 TINY_CLIP_DIR = os.path.join(PACKAGE_DIR, "tiny", "weights", "tiny-clip")
+TINY_R0_LORA = os.path.join(PACKAGE_DIR, "tiny", "weights", "tiny-r0-lora.safetensors")  # benchmarks/r0_table.py
 TINY = "tiny"  # the name that selects the built-in tiny world
 
 # model_index.json `_class_name` -> diffusers pipeline class name

@@ -37,7 +37,9 @@ def test_workflow_is_valid(path):
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
-def test_workflow_runs_on_the_tiny_model(path):
+def test_workflow_runs_on_the_tiny_model(path, tmp_path, monkeypatch):
+    monkeypatch.setenv("R0_MODELS_DIR", str(tmp_path / "models"))  # a training workflow saves its LoRA there
+    monkeypatch.setenv("R0_OUTPUT_DIR", str(tmp_path / "out"))
     shown = run_workflow(json.loads(path.read_text()))
     assert shown
     for images in shown:

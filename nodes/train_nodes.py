@@ -1,0 +1,168 @@
+"""R0 training nodes: train a few-step LoRA by reward maximization, apply a LoRA file to a pipeline, and refine
+one prompt's images at test time. Node ids and the order of their inputs are a public API: append, never
+reorder."""
+from __future__ import annotations
+
+import os
+import re
+
+import numpy as np
+import torch
+
+from r0_core import lora
+from r0_core.test_time import refine_noise
+from r0_core.train import R0Config, train_r0
+
+from . import bridge
+from .r0_nodes import PIPELINE
+from .reward_nodes import REWARD
+
+LORAS = "loras"
+
+
+def with_lora(pipeline: dict, name: str, weight: float) -> dict:
+    """A new R0_PIPELINE value sharing the cached pipeline, with one more LoRA applied when it generates."""
+    return {**pipeline, "loras": [(n, w) for n, w in pipeline.get("loras", []) if n != name] + [(name, weight)]}
+
+
+def safe_name(text: str) -> str:
+    name = re.sub(r"[^A-Za-z0-9_\-]", "_", text.strip()).strip("_")
+    if not name:
+        raise ValueError(f"save_name {text!r}: expected letters, digits, '_' or '-' (the LoRA's file name)")
+    return name
+
+
+def read_png(path: str) -> torch.Tensor:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255)[None]
+
+
+class R0Train:
+    DESCRIPTION = ("Trains a LoRA that makes the pipeline a better few-step generator by maximizing a reward "
+                   "(R0), from prompts alone. Saves it in models/loras; Cancel keeps a partial LoRA; re-queueing "
+                   "the same settings resumes or reuses the saved run.")
+    CATEGORY = "R0/training"
+    RETURN_TYPES = (PIPELINE, "STRING", "IMAGE")
+    RETURN_NAMES = ("pipeline", "lora_path", "curve")
+    FUNCTION = "train"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "pipeline": (PIPELINE,),
+            "reward_model": (REWARD,),
+            "prompts": ("STRING", {"multiline": True, "default": "a red circle above a blue square\n"
+                                                                 "a green triangle left of a yellow circle",
+                                   "tooltip": "training prompts, one per line"}),
+            "steps": ("INT", {"default": 200, "min": 1, "max": 100000, "tooltip": "optimizer steps"}),
+            "lr": ("FLOAT", {"default": 1e-3, "min": 1e-7, "max": 1.0, "step": 1e-5}),
+            "lora_rank": ("INT", {"default": 8, "min": 1, "max": 256}),
+            "reg_weight": ("FLOAT", {"default": 1e-2, "min": 0.0, "max": 100.0, "step": 1e-3,
+                                     "tooltip": "pull towards the pretrained weights: weight of ‖ΔW‖²"}),
+            "eta_min": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.05}),
+            "eta_max": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.05,
+                                  "tooltip": "η is drawn from [eta_min, eta_max] for every sampler step"}),
+            "mode": (["r0", "r0+"], {"tooltip": "r0+: reward on x̂0 at a random step, earlier steps without grad "
+                                                "(less memory)"}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 2 ** 63 - 1}),
+            "save_name": ("STRING", {"default": "r0_lora", "tooltip": "models/loras/<save_name>.safetensors"}),
+            "batch_size": ("INT", {"default": 4, "min": 1, "max": 256}),
+            "sampler_steps": ("INT", {"default": 4, "min": 1, "max": 50, "tooltip": "K, the generator's steps"}),
+            "guidance": ("FLOAT", {"default": 1.0, "min": 1.0, "max": 20.0, "step": 0.1,
+                                   "tooltip": "CFG inside the generator; 1 = off (one UNet call a step)"}),
+            "width": ("INT", {"default": 512, "min": 16, "max": 4096, "step": 8}),
+            "height": ("INT", {"default": 512, "min": 16, "max": 4096, "step": 8}),
+        }}
+
+    @classmethod
+    def IS_CHANGED(cls, **kwargs):
+        return float("nan")  # always run: a finished run is found on disk and reused, a stopped one resumes
+
+    def train(self, pipeline, reward_model, prompts, steps, lr, lora_rank, reg_weight, eta_min, eta_max, mode, seed,
+              save_name, batch_size, sampler_steps, guidance, width, height):
+        name = safe_name(save_name)
+        config = R0Config(prompts=[p.strip() for p in prompts.splitlines() if p.strip()], iterations=steps, lr=lr,
+                          lora_rank=lora_rank, reg_weight=reg_weight, eta_range=(eta_min, eta_max), mode=mode,
+                          seed=seed, batch_size=batch_size, steps=sampler_steps, guidance=guidance, width=width,
+                          height=height)
+        lora_path = os.path.join(bridge.folder_roots(LORAS)[0], f"{name}.safetensors")
+        out_dir = os.path.join(bridge.output_dir(), "r0_train", name)
+        pipe = pipeline["pipe"].to(pipeline["device"])
+        result = train_r0(pipe, reward_model, config, out_dir, lora_path, bridge.cancellable_progress(steps),
+                          adapter=name)
+        if result.cancelled:
+            print(f"[R0 Train] cancelled after {len(result.history)} of {steps} steps; partial LoRA saved to "
+                  f"{result.lora_path}; queue again to resume")
+            bridge.interrupt()
+        return (with_lora(pipeline, name, 1.0), result.lora_path, read_png(result.curve_path))
+
+
+class R0ApplyLoRA:
+    DESCRIPTION = "Applies a LoRA from models/loras (one R0 trained, or any SD LoRA) to an R0 pipeline."
+    CATEGORY = "R0"
+    RETURN_TYPES = (PIPELINE,)
+    FUNCTION = "apply"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "pipeline": (PIPELINE,),
+            "lora_name": (bridge.list_files(LORAS), {"tooltip": "a .safetensors LoRA in models/loras"}),
+            "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.05}),
+        }}
+
+    def apply(self, pipeline, lora_name, strength):
+        path = bridge.resolve(LORAS, lora_name)
+        name = lora.load_lora(pipeline["pipe"], path, name=safe_name(os.path.splitext(lora_name)[0]))
+        return (with_lora(pipeline, name, strength),)
+
+
+class R0TestTimeRefine:
+    DESCRIPTION = ("Test-time R0: optimizes the start noise of a few-step generation to raise the reward for one "
+                   "prompt, with a regularizer that keeps the noise Gaussian. The weights do not change.")
+    CATEGORY = "R0"
+    RETURN_TYPES = ("IMAGE", "IMAGE")
+    RETURN_NAMES = ("refined", "initial")
+    FUNCTION = "refine"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "pipeline": (PIPELINE,),
+            "reward_model": (REWARD,),
+            "prompt": ("STRING", {"multiline": True, "default": "a red circle above a blue square"}),
+            "iterations": ("INT", {"default": 20, "min": 1, "max": 1000}),
+            "lr": ("FLOAT", {"default": 5.0, "min": 1e-4, "max": 100.0, "step": 0.1}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 2 ** 63 - 1}),
+            "steps": ("INT", {"default": 4, "min": 1, "max": 50, "tooltip": "sampler steps K"}),
+            "guidance": ("FLOAT", {"default": 1.0, "min": 1.0, "max": 20.0, "step": 0.1}),
+            "batch_size": ("INT", {"default": 1, "min": 1, "max": 64}),
+            "width": ("INT", {"default": 512, "min": 16, "max": 4096, "step": 8}),
+            "height": ("INT", {"default": 512, "min": 16, "max": 4096, "step": 8}),
+        }}
+
+    def refine(self, pipeline, reward_model, prompt, iterations, lr, seed, steps, guidance, batch_size, width,
+               height):
+        pipe = pipeline["pipe"].to(pipeline["device"])
+        lora.use_loras(pipe, pipeline.get("loras", []))
+        result = refine_noise(pipe, reward_model, prompt.strip(), iterations=iterations, lr=lr, seed=seed,
+                              steps=steps, guidance=guidance, batch_size=batch_size, height=height, width=width,
+                              callback=bridge.cancellable_progress(iterations))
+        if result.cancelled:
+            print("[R0 Test-time Refine] cancelled; returning the best images reached")
+        return (result.images.permute(0, 2, 3, 1).cpu().float(),
+                result.initial_images.permute(0, 2, 3, 1).cpu().float())
+
+
+NODE_CLASS_MAPPINGS = {
+    "R0Train": R0Train,
+    "R0ApplyLoRA": R0ApplyLoRA,
+    "R0TestTimeRefine": R0TestTimeRefine,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "R0Train": "R0 Train (reward LoRA)",
+    "R0ApplyLoRA": "R0 Apply LoRA",
+    "R0TestTimeRefine": "R0 Test-time Refine",
+}

@@ -1,0 +1,346 @@
+"""R0 training: a few-step generator trained by regularized reward maximization, from prompts alone.
+
+The generator is the pipeline's own UNet run through the K-step R0 sampler (r0_core.sampler). One iteration:
+  1. draw prompts, start noise, η per step (and R0+'s step k), all seeded by (seed, iteration), so a resumed run
+     repeats exactly what an uninterrupted one would have done;
+  2. R0: run all K steps with grad; R0+: run the steps before k without grad, then step k with grad and take its
+     x̂0 (a short backward graph: less memory, as in the paper);
+  3. decode with the VAE, with grad (every UNet call and the decode are checkpointed);
+  4. reward loss: with normalize_gradients each reward's image gradient is scaled to unit norm per image before
+     weighting (WeightedReward.r0_surrogate), else −mean reward;
+  5. + reg_weight · ‖θ − θ0‖² (LoRA: ‖ΔW‖² of the adapter), then one AdamW step.
+
+`python -m r0_core.train --help` (or `accelerate launch -m r0_core.train ...` on several GPUs) runs it from the
+shell; `train_r0(pipe, reward, config, out_dir)` from Python.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from . import lora
+from .denoisers import DiffusersDenoiser
+from .files import atomic_save, atomic_write
+from .generate import decode, encode_prompts
+from .rewards import RewardModel, WeightedReward
+from .sampler import Cancelled, sample_r0
+from .schedule import scheduler_sigmas
+
+
+
+@dataclass
+class R0Config:
+    prompts: list[str]
+    iterations: int = 400
+    batch_size: int = 8
+    steps: int = 4                        # K, the generator's sampler steps
+    mode: str = "r0"                      # "r0": reward on the final image; "r0+": on x̂0 at a random step k
+    lr: float = 1e-3
+    lora_rank: int = 8                    # 0 trains the full UNet
+    lora_targets: str = "attention"       # "attention" or "all" (see r0_core.lora)
+    reg_weight: float = 1e-2              # weight of ‖θ − θ0‖², the pull towards the pretrained model
+    eta_range: tuple[float, float] = (0.0, 1.0)  # η ~ U(eta_range) per sampler step
+    guidance: float = 1.0                 # classifier-free guidance inside the generator (1: off, one UNet call)
+    normalize_gradients: Optional[bool] = None   # None: the reward's own setting (WeightedReward), else True
+    grad_clip: float = 1.0
+    seed: int = 0
+    height: Optional[int] = None
+    width: Optional[int] = None
+    checkpoint_every: int = 50
+    mixed_precision: str = "auto"         # "no", "fp16", "bf16"; auto: bf16 on CUDA, else no
+    gradient_checkpointing: bool = True
+
+    def __post_init__(self):
+        if not self.prompts or any(not isinstance(p, str) or not p.strip() for p in self.prompts):
+            raise ValueError("prompts: expected one or more non-empty prompts (one per line in a prompts file)")
+        if self.mode not in ("r0", "r0+"):
+            raise ValueError(f"mode={self.mode!r}; expected 'r0' or 'r0+'")
+        lo, hi = self.eta_range
+        if not 0 <= lo <= hi <= 1:
+            raise ValueError(f"eta_range={self.eta_range}; expected 0 <= low <= high <= 1")
+        if self.iterations < 1 or self.batch_size < 1 or self.steps < 1:
+            raise ValueError("iterations, batch_size and steps must be at least 1")
+
+    def fingerprint(self) -> str:
+        """What a resumed run must share with the saved one to continue it exactly."""
+        keep = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("iterations", "checkpoint_every")}
+        return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class TrainResult:
+    lora_path: Optional[str]      # the LoRA file (partial if cancelled); None in full fine-tune mode
+    curve_path: str
+    history: list[dict] = field(default_factory=list)
+    cancelled: bool = False
+
+
+def read_prompts(path: str) -> list[str]:
+    """One prompt per line; blank lines and lines starting with # are skipped."""
+    with open(path, encoding="utf-8") as f:
+        prompts = [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise ValueError(f"prompts file {path} holds no prompts; write one per line")
+    return prompts
+
+
+def _rng(config: R0Config, iteration: int, process: int) -> torch.Generator:
+    return torch.Generator("cpu").manual_seed((config.seed * 1_000_003 + iteration) * 64 + process)
+
+
+def generator_images(pipe, model, config: R0Config, prompts: list[str], gen: torch.Generator) -> torch.Tensor:
+    """Images [B, 3, H, W] in 0..1 from the K-step generator, differentiable w.r.t. the trainable weights."""
+    with torch.no_grad():
+        cond, uncond = encode_prompts(pipe, prompts, config.guidance)
+    sigmas = scheduler_sigmas(pipe.scheduler, config.steps).to(cond.device)
+    height = config.height or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    width = config.width or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    shape = (len(prompts), pipe.unet.config.in_channels, height // pipe.vae_scale_factor,
+             width // pipe.vae_scale_factor)
+    lo, hi = config.eta_range
+    etas = lo + (hi - lo) * torch.rand(config.steps, generator=gen)
+    k = int(torch.randint(config.steps, (1,), generator=gen)) if config.mode == "r0+" else config.steps
+    x = torch.randn(shape, generator=gen).to(cond) * (1 + sigmas[0] ** 2).sqrt()
+    noise = lambda sigma, sigma_next: torch.randn(shape, generator=gen).to(cond)  # noqa: E731
+    extra = {"cond": cond, "uncond": uncond, "guidance": config.guidance}
+    if config.mode == "r0":
+        latents = sample_r0(model, x, sigmas, extra, eta=etas, noise_sampler=noise, disable=True)
+    else:
+        if k > 0:  # R0+: the path to step k carries no gradient
+            with torch.no_grad():
+                x = sample_r0(model, x, sigmas[:k + 1], extra, eta=etas[:k], noise_sampler=noise, disable=True)
+        latents = model(x, sigmas[k] * x.new_ones(len(x)), **extra)  # x̂0 at step k
+    if config.gradient_checkpointing:
+        return checkpoint(decode, pipe, latents, use_reentrant=False)
+    return decode(pipe, latents)
+
+
+def reward_loss(reward: RewardModel, images: torch.Tensor, prompts: list[str], normalize: bool):
+    """(loss, per-scorer mean rewards). Normalised: −Σ_i w_i <ĝ_i, x> / B, so each reward pushes with unit
+    strength per image whatever its scale; else −mean Σ_i w_i r_i."""
+    weighted = reward if isinstance(reward, WeightedReward) else WeightedReward([reward])
+    if normalize:
+        loss, scores = weighted.r0_surrogate(images, prompts)
+        return loss / len(images), scores.mean(1)
+    scores = torch.stack([s(images, prompts) for s in weighted.scorers])
+    loss = -sum(w * s.mean() for w, s in zip(weighted.weights, scores))
+    return loss, scores.detach().mean(1)
+
+
+class Trainable:
+    """The weights R0 moves (a LoRA adapter, or the whole UNet) and their pull towards the pretrained ones."""
+
+    def __init__(self, unet, config: R0Config, adapter: str):
+        self.unet, self.full, self.adapter = unet, config.lora_rank == 0, adapter
+        unet.requires_grad_(False)
+        if self.full:
+            unet.float().requires_grad_(True)  # fp32 master weights: bf16 steps would round small updates away
+            self.params = list(unet.parameters())
+            self.initial = [p.detach().clone() for p in self.params]
+        else:
+            targets = lora.ALL if config.lora_targets == "all" else lora.ATTENTION
+            lora.add_lora(unet, rank=config.lora_rank, targets=targets, name=adapter)
+            self.params = lora.lora_parameters(unet, adapter)
+
+    def delta_norm2(self) -> torch.Tensor:
+        if self.full:
+            return sum(((p - p0) ** 2).sum() for p, p0 in zip(self.params, self.initial))
+        return lora.lora_delta_norm2(self.unet, self.adapter)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {str(i): p.detach().cpu().clone() for i, p in enumerate(self.params)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for i, p in enumerate(self.params):
+                p.copy_(state[str(i)])
+
+
+def save_curve(history: list[dict], path: str) -> str:
+    """Reward and loss against iterations, with a moving average, as a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def smooth(values, n=max(1, len(history) // 20)):
+        return [sum(values[max(0, i - n + 1):i + 1]) / len(values[max(0, i - n + 1):i + 1])
+                for i in range(len(values))]
+
+    steps = [h["iteration"] for h in history]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6, 5), sharex=True)
+    for j, _ in enumerate(history[0]["rewards"] if history else []):
+        values = [h["rewards"][j] for h in history]
+        top.plot(steps, values, alpha=0.3, color=f"C{j}")
+        top.plot(steps, smooth(values), color=f"C{j}", label=f"reward {j + 1}")
+    top.set_ylabel("reward (batch mean)")
+    top.legend(loc="lower right")
+    bottom.plot(steps, smooth([h["loss"] for h in history]), label="loss")
+    bottom.plot(steps, smooth([h["reg"] for h in history]), label="reg_weight·‖θ−θ0‖²")
+    bottom.set_xlabel("iteration")
+    bottom.legend(loc="upper right")
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+    return path
+
+
+def train_r0(pipe, reward: RewardModel, config: R0Config, out_dir: str, lora_path: Optional[str] = None,
+             callback: Optional[Callable[[dict], None]] = None, accelerator=None, adapter: str = "r0") -> TrainResult:
+    """Train, checkpointing to out_dir every `checkpoint_every` iterations and resuming from it if present.
+    The LoRA is trained as adapter `adapter` of pipe.unet (left active) and saved to lora_path.
+    callback({"i", "total", "loss", "rewards"}) after each iteration; raising Cancelled there stops the run,
+    saves its state (so calling again resumes it) and a partial LoRA beside lora_path."""
+    from accelerate import Accelerator
+
+    device = pipe.unet.device
+    if accelerator is None:
+        precision = config.mixed_precision
+        if precision == "auto":
+            precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
+        accelerator = Accelerator(mixed_precision=precision, cpu=device.type == "cpu")
+    os.makedirs(out_dir, exist_ok=True)
+    lora_path = lora_path or os.path.join(out_dir, "r0_lora.safetensors")
+    normalize = config.normalize_gradients
+    if normalize is None:
+        normalize = getattr(reward, "normalize_gradients", True)
+
+    with torch.inference_mode(False), torch.enable_grad():  # ComfyUI runs nodes in inference mode
+        pipe.vae.requires_grad_(False)
+        pipe.text_encoder.requires_grad_(False)
+        trainable = Trainable(pipe.unet, config, adapter)
+        optimizer = torch.optim.AdamW(trainable.params, lr=config.lr, weight_decay=0.0)
+        unet, optimizer = accelerator.prepare(pipe.unet, optimizer)
+        denoiser = DiffusersDenoiser(unet, pipe.scheduler.alphas_cumprod,
+                                     pipe.scheduler.config.get("prediction_type", "epsilon"))
+        model = denoiser
+        if config.gradient_checkpointing:
+            model = lambda x, sigma, **kw: checkpoint(denoiser, x, sigma, use_reentrant=False, **kw)  # noqa: E731
+
+        state_path = os.path.join(out_dir, "trainer_state.pt")
+        start, history = 0, []
+        if os.path.exists(state_path):
+            saved = torch.load(state_path, weights_only=True, map_location="cpu")
+            if saved["fingerprint"] != config.fingerprint():
+                raise ValueError(f"{out_dir} holds a run with other settings; choose another output folder (save "
+                                 f"name) or delete {state_path} to start over")
+            trainable.load_state_dict(saved["trainable"])
+            optimizer.load_state_dict(saved["optimizer"])
+            start, history = saved["iteration"], json.loads(saved["history"])
+
+        def save_state(iteration):
+            if accelerator.is_main_process:
+                atomic_save({"fingerprint": config.fingerprint(), "iteration": iteration,
+                             "trainable": trainable.state_dict(), "optimizer": optimizer.state_dict(),
+                             "history": json.dumps(history)}, state_path)
+
+        cancelled = False
+        for iteration in range(start, config.iterations):
+            gen = _rng(config, iteration, accelerator.process_index)
+            picks = torch.randint(len(config.prompts), (config.batch_size,), generator=gen).tolist()
+            prompts = [config.prompts[i] for i in picks]
+            unet.train()
+            with accelerator.autocast():
+                images = generator_images(pipe, model, config, prompts, gen)
+                loss, rewards = reward_loss(reward, images, prompts, normalize)
+                reg = config.reg_weight * trainable.delta_norm2()
+            accelerator.backward(loss + reg)
+            if config.grad_clip:
+                accelerator.clip_grad_norm_(trainable.params, config.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            history.append({"iteration": iteration + 1, "loss": float(loss), "reg": float(reg),
+                            "rewards": [float(r) for r in rewards]})
+            if (iteration + 1) % config.checkpoint_every == 0:
+                save_state(iteration + 1)
+            try:
+                if callback is not None:
+                    callback({"i": iteration, "total": config.iterations, "loss": float(loss),
+                              "rewards": history[-1]["rewards"]})
+            except Cancelled:
+                cancelled = True
+                save_state(iteration + 1)
+                break
+        else:
+            save_state(config.iterations)
+
+        unet.eval()
+        accelerator.unwrap_model(unet)
+        curve = save_curve(history, os.path.join(out_dir, "curve.png"))
+        result_path = None
+        if accelerator.is_main_process and not trainable.full:
+            if cancelled:
+                stem, ext = os.path.splitext(lora_path)
+                lora_path = f"{stem}_partial{ext}"
+            metadata = {"r0_config": json.dumps({k: v for k, v in dataclasses.asdict(config).items()
+                                                 if k != "prompts"}, default=str),
+                        "r0_iterations": str(len(history))}
+            result_path = lora.save_lora(pipe.unet, lora_path, adapter, metadata=metadata)
+        elif accelerator.is_main_process:
+            pipe.unet.save_pretrained(os.path.join(out_dir, "unet"))
+    return TrainResult(result_path, curve, history, cancelled)
+
+
+# ----------------------------------------------------------------------------------------------- command line
+
+def parse_reward(spec: str):
+    """'family:path[:support][@weight]', e.g. 'clip:tiny' or 'hpsv2:/m/HPS_v2.1_compressed.pt@2'."""
+    from .rewards import load_reward
+
+    spec, _, weight = spec.partition("@")
+    family, _, rest = spec.partition(":")
+    path, _, support = rest.partition(":")
+    if not family or not path:
+        raise ValueError(f"--reward {spec!r}; expected family:path[:support][@weight], e.g. clip:tiny")
+    return load_reward(family, path, support or None), float(weight or 1.0)
+
+
+def main(argv=None):
+    from accelerate import Accelerator
+
+    from .loading import load_pipeline
+
+    defaults = R0Config(prompts=["x"])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny", help="tiny, a diffusers folder or a single-file checkpoint")
+    parser.add_argument("--tokenizer-dir", help="CLIP tokenizer folder, for single-file checkpoints")
+    parser.add_argument("--reward", action="append", required=True,
+                        help="family:path[:support][@weight]; repeat to combine rewards")
+    parser.add_argument("--prompts", required=True, help="a text file, one prompt per line")
+    parser.add_argument("--out", required=True, help="folder for checkpoints, the curve and the LoRA")
+    for f in dataclasses.fields(R0Config):
+        if f.name in ("prompts", "eta_range", "normalize_gradients"):
+            continue
+        value = getattr(defaults, f.name)
+        kind = type(value) if value is not None else int
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind if kind is not bool else
+                            lambda s: s.lower() in ("1", "true", "yes"), default=value)
+    parser.add_argument("--eta-range", type=float, nargs=2, default=defaults.eta_range)
+    parser.add_argument("--no-normalize", action="store_true", help="plain weighted reward sum")
+    args = parser.parse_args(argv)
+
+    fields = {f.name for f in dataclasses.fields(R0Config)} - {"prompts", "eta_range", "normalize_gradients"}
+    config = R0Config(prompts=read_prompts(args.prompts), eta_range=tuple(args.eta_range),
+                      normalize_gradients=not args.no_normalize, **{k: getattr(args, k) for k in fields})
+    precision = config.mixed_precision
+    accelerator = Accelerator(mixed_precision=None if precision == "auto" else precision)
+    pipe = load_pipeline(args.model, device=accelerator.device, tokenizer_dir=args.tokenizer_dir)
+    rewards = [parse_reward(spec) for spec in args.reward]
+    reward = WeightedReward([r for r, _ in rewards], [w for _, w in rewards])
+    for scorer in reward.scorers:
+        scorer.to(accelerator.device)
+    result = train_r0(pipe, reward, config, args.out, accelerator=accelerator)
+    if accelerator.is_main_process:
+        print(json.dumps({"lora": result.lora_path, "curve": result.curve_path,
+                          "final": result.history[-1] if result.history else None}))
+
+
+if __name__ == "__main__":
+    main()
