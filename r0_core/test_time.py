@@ -1,0 +1,241 @@
+"""Test-time R0: regularized reward maximization for one prompt at inference, over the start noise (ReNO-style).
+
+The generator is frozen: the pipeline's UNet run through the few-step R0 sampler (`r0_core.generate`'s path),
+then the VAE decoder. Only the start noise ε (standard normal scale, fp32) moves. Per image, each iteration
+takes a step on
+
+    L(ε) = −r(D(g(ε, c)), c) + λ (½‖ε‖² − (d − 1) log ‖ε‖)
+
+where the regulariser is −log of the density of ‖ε‖ when ε ~ N(0, I_d) (a χ distribution with d degrees of
+freedom, d the latent size): its minimum at ‖ε‖ = sqrt(d − 1) keeps the noise on the shell where Gaussian noise
+lives, so the generator only sees inputs like those it was trained on. The reward's image gradient is
+normalised per image (R0's normalisation, per reward for a WeightedReward), so lr, the clip and λ mean the same
+whatever the reward's units. Gradients flow from the reward through the decoder and all K sampler steps into ε;
+each UNet call is recomputed in the backward pass (gradient checkpointing), so memory does not grow with K.
+The optimiser is ReNO's: SGD with Nesterov momentum 0.9, the gradient norm clipped per image, and the best
+iterate (highest reward) kept per image.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from .denoisers import DiffusersDenoiser
+from .generate import decode, encode_prompts
+from .rewards.base import RewardModel
+from .rewards.composite import WeightedReward
+from .sampler import Cancelled, sample_r0, seeded_noise, seeded_noise_sampler
+from .schedule import scheduler_sigmas
+
+MOMENTUM = 0.9  # ReNO's SGD momentum (Nesterov)
+
+# The built-in tiny world (32x32 images, d = 1024): the reward levels off after about 20 iterations at lr 5
+TINY_WORLD = {"iterations": 20, "lr": 5.0}
+
+
+@dataclass
+class RefineResult:
+    images: torch.Tensor           # [B, 3, H, W] in 0..1: the best iterate of each image
+    latents: torch.Tensor          # [B, C, h, w] their latents, raw VAE space (unscaled), as `generate` returns
+    initial_images: torch.Tensor   # [B, 3, H, W] iteration 0: the plain few-step images of the same seeds
+    rewards: torch.Tensor          # [N + 1, B] reward of every iterate evaluated (row 0: the initial images)
+    best_iteration: torch.Tensor   # [B] the row of `rewards` each returned image comes from
+    noise: torch.Tensor            # [B, C, h, w] fp32 start noise (standard normal scale) of the returned images
+    cancelled: bool = False        # the callback raised Cancelled: this is the best reached before the stop
+
+    @property
+    def initial_reward(self) -> torch.Tensor:
+        return self.rewards[0]
+
+    @property
+    def best_reward(self) -> torch.Tensor:
+        return self.rewards.gather(0, self.best_iteration[None]).squeeze(0)
+
+
+def chi_shell_penalty(noise: torch.Tensor) -> torch.Tensor:
+    """½‖ε‖² − (d − 1) log ‖ε‖ per image: −log p(‖ε‖) for Gaussian noise up to a constant, least at sqrt(d − 1)."""
+    norm = noise.flatten(1).norm(dim=1)
+    return 0.5 * norm ** 2 - (noise[0].numel() - 1) * norm.log()
+
+
+def refine_noise(pipe, reward: RewardModel, prompt: str | Sequence[str], *, iterations: int = 50,
+                 lr: float = 5.0, seed: int = 0, steps: int = 4, eta: float = 0.0, guidance: float = 1.0,
+                 batch_size: int = 1, height: Optional[int] = None, width: Optional[int] = None,
+                 reg_weight: float = 0.01, grad_clip: Optional[float] = 0.1, normalize_gradients: bool = True,
+                 callback: Optional[Callable[[dict], None]] = None) -> RefineResult:
+    """Optimise the start noise of `batch_size` images (image i seeded `seed + i`, as `generate` seeds it) so
+    the frozen few-step generator's images score higher under `reward`; returns the best iterate per image.
+
+    Defaults are ReNO's (lr 5, 50 iterations, gradient-norm clip 0.1, regulariser weight 0.01); the tiny world
+    needs fewer iterations (`TINY_WORLD`). Iteration 0 is exactly `generate(pipe, prompts, seeds=[seed + i])`.
+    prompt: one prompt for every image, or one per image.
+    reward: any RewardModel. With normalize_gradients its image gradient is scaled to unit norm per image
+        (a WeightedReward whose own `normalize_gradients` is set: each reward's, then weighted, its
+        `r0_surrogate`); without, the raw gradient of the reward, as ReNO takes it.
+    callback({"i", "total", "reward", "best_reward", "images", "noise_norm"}) after each step, i = 0..total-1;
+        raise r0_core.sampler.Cancelled there to stop: the best images reached so far come back with
+        `cancelled=True` (any other exception propagates).
+    Works inside torch.inference_mode() (as ComfyUI runs nodes); the pipeline's weights are never changed.
+    """
+    prompts = _check(pipe, reward, prompt, iterations, lr, batch_size, reg_weight, grad_clip)
+    with torch.inference_mode(False), torch.enable_grad(), _frozen(pipe.unet, pipe.vae, reward):
+        render, noise = _generator(pipe, prompts, seed=seed, steps=steps, eta=eta, guidance=guidance,
+                                   height=height, width=width)
+        objective = _objective(render, reward, prompts, normalize_gradients, reg_weight)
+        optimizer = torch.optim.SGD([noise], lr=lr, momentum=MOMENTUM, nesterov=True)
+        history, best, cancelled = [], None, False
+        for it in range(iterations + 1):                     # iterate 0 is the plain sample; N steps follow
+            # 1. render ε through the sampler and decoder, score it (with the loss to step on, but at the end)
+            images, latents, value, loss = objective(noise, differentiate=it < iterations)
+            history.append(value)
+            # 2. keep each image's best iterate; report step it - 1 done
+            if best is None:
+                best = _Best(images, latents, noise.detach().clone(), value)
+            else:
+                best.update(it, images, latents, noise.detach(), value)
+                try:
+                    if callback is not None:
+                        callback({"i": it - 1, "total": iterations, "reward": value.tolist(),
+                                  "best_reward": best.value.tolist(), "images": images,
+                                  "noise_norm": noise.detach().flatten(1).norm(dim=1).tolist()})
+                except Cancelled:
+                    cancelled = True
+                    break
+            if loss is None:
+                break
+            # 3. ∇_ε L through decoder and all K steps, ‖∇‖ clipped per image (ReNO runs one image at a time)
+            (grad,) = torch.autograd.grad(loss, noise)
+            if grad_clip is not None:
+                norm = grad.flatten(1).norm(dim=1).view(-1, *[1] * (grad.ndim - 1))
+                grad = grad * (grad_clip / (norm + 1e-6)).clamp(max=1.0)
+            noise.grad = grad
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    return RefineResult(images=best.images, latents=best.latents / pipe.vae.config.scaling_factor,
+                        initial_images=best.initial_images, rewards=torch.stack(history),
+                        best_iteration=best.iteration, noise=best.noise, cancelled=cancelled)
+
+
+# ----------------------------------------------------------------------------------------------- pieces
+
+def _check(pipe, reward, prompt, iterations, lr, batch_size, reg_weight, grad_clip) -> list[str]:
+    """Validate the arguments; returns one prompt per image."""
+    if not isinstance(reward, RewardModel):
+        raise ValueError(f"reward is a {type(reward).__name__}; expected an r0_core RewardModel "
+                         f"(r0_core.rewards.load_reward, or a WeightedReward of several)")
+    if not isinstance(iterations, int) or iterations < 0:
+        raise ValueError(f"iterations={iterations!r}; expected a whole number >= 0 (0 gives the plain sample)")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r}; expected a whole number >= 1")
+    if not lr > 0 or not reg_weight >= 0 or not (grad_clip is None or grad_clip > 0):
+        raise ValueError(f"lr={lr}, reg_weight={reg_weight}, grad_clip={grad_clip}; expected lr > 0, "
+                         f"reg_weight >= 0 and grad_clip > 0 (or None for no clipping)")
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    prompts = prompts * batch_size if len(prompts) == 1 else prompts
+    if len(prompts) != batch_size:
+        raise ValueError(f"got {len(prompts)} prompts for batch_size={batch_size}; pass one, or one per image")
+    for name, module in (("pipeline's UNet", pipe.unet), ("pipeline's VAE", pipe.vae), ("reward", reward)):
+        if any(p.is_inference() for p in module.parameters()):
+            raise ValueError(f"the {name} weights were created under torch.inference_mode, so no gradient can "
+                             f"pass through them; load it outside inference mode (r0_core.loading.load_pipeline "
+                             f"and r0_core.rewards.load_reward called by the R0 nodes do)")
+    return prompts
+
+
+@contextlib.contextmanager
+def _frozen(*modules):
+    """requires_grad off for every parameter of `modules` while inside, restored after (the pipeline may be
+    shared with a trainer whose LoRA must stay trainable)."""
+    params = [p for m in modules for p in m.parameters()]
+    flags = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+
+
+def _checkpointed(fn):
+    """fn(*args, **kwargs) with its activations recomputed in the backward pass instead of kept."""
+    def call(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return fn(*args, **kwargs)
+        return checkpoint(fn, *args, use_reentrant=False, **kwargs)
+    return call
+
+
+def _generator(pipe, prompts, *, seed, steps, eta, guidance, height, width):
+    """(render, noise): `render(noise) -> (images [B, 3, H, W] in 0..1, scaled latents)` runs `generate`'s
+    sampler from the start noise `noise`, the seeded fp32 leaf to optimise. The re-noising ξ (η > 0) is drawn
+    afresh from the same seeds at every call, so it stays fixed across iterations and only ε moves."""
+    with torch.no_grad():
+        cond, uncond = encode_prompts(pipe, prompts, guidance)
+    height = height or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    width = width or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    if height % pipe.vae_scale_factor or width % pipe.vae_scale_factor:
+        raise ValueError(f"height={height}, width={width}; expected multiples of {pipe.vae_scale_factor}")
+    shape = (len(prompts), pipe.unet.config.in_channels, height // pipe.vae_scale_factor,
+             width // pipe.vae_scale_factor)
+    seeds = [seed + i for i in range(len(prompts))]
+    model = _checkpointed(DiffusersDenoiser.from_pipeline(pipe))
+    sigmas = scheduler_sigmas(pipe.scheduler, steps).to(cond.device)
+    extra = {"cond": cond, "uncond": uncond, "guidance": guidance}
+    noise = seeded_noise(shape, seeds, cond.device, torch.float32).requires_grad_(True)
+
+    def render(noise):
+        x = noise.to(cond.dtype) * (1 + sigmas[0] ** 2).sqrt()   # x_T = z / α_T, as `sample_latents` starts
+        latents = sample_r0(model, x, sigmas, extra, disable=True, eta=eta,
+                            noise_sampler=seeded_noise_sampler(x, seeds))
+        return _checkpointed(decode)(pipe, latents), latents
+    return render, noise
+
+
+def _objective(render, reward, prompts, normalize_gradients, reg_weight):
+    """objective(noise, differentiate) -> (images, scaled latents, reward [B] on the CPU, loss or None)."""
+    if normalize_gradients:   # R0's normalised direction: per reward where a WeightedReward asks for it
+        combined = isinstance(reward, WeightedReward) and reward.normalize_gradients
+        surrogate_of = reward if combined else WeightedReward([reward])
+        weights = torch.tensor(surrogate_of.weights, dtype=torch.float32)
+    device = next(reward.parameters(), torch.empty(0)).device
+
+    def objective(noise, differentiate):
+        with torch.set_grad_enabled(differentiate):
+            images, latents = render(noise)
+            scored = images.to(device)
+            if not differentiate:
+                value, loss = reward(scored, prompts).detach().float().cpu(), None
+            elif normalize_gradients:
+                surrogate, scores = surrogate_of.r0_surrogate(scored, prompts)
+                value = weights @ scores.float().cpu()
+            else:
+                value = reward(scored, prompts).float()
+                surrogate = -value.sum()
+            if differentiate:
+                loss = surrogate.to(noise.device) + reg_weight * chi_shell_penalty(noise).sum()
+        return images.detach(), latents.detach(), value.detach().cpu(), loss
+    return objective
+
+
+class _Best:
+    """The best iterate of each image so far: the highest reward, the earliest on ties."""
+
+    def __init__(self, images, latents, noise, value):
+        self.initial_images = images
+        self.images, self.latents, self.noise, self.value = images, latents, noise, value
+        self.iteration = torch.zeros(len(value), dtype=torch.long)
+
+    def update(self, it, images, latents, noise, value):
+        better = value > self.value
+
+        def pick(new, old):
+            return torch.where(better.to(old.device).view(-1, *[1] * (old.ndim - 1)), new, old)
+        self.images, self.latents, self.noise = pick(images, self.images), pick(latents, self.latents), \
+            pick(noise, self.noise)
+        self.value = torch.where(better, value, self.value)
+        self.iteration = torch.where(better, it, self.iteration)
