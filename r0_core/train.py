@@ -256,13 +256,13 @@ def train_r0(pipe, reward: RewardModel, config: R0Config, out_dir: str, lora_pat
                 accelerator.clip_grad_norm_(trainable.params, config.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            history.append({"iteration": iteration + 1, "loss": float(loss), "reg": float(reg),
+            history.append({"iteration": iteration + 1, "loss": float(loss.detach()), "reg": float(reg.detach()),
                             "rewards": [float(r) for r in rewards]})
             if (iteration + 1) % config.checkpoint_every == 0:
                 save_state(iteration + 1)
             try:
                 if callback is not None:
-                    callback({"i": iteration, "total": config.iterations, "loss": float(loss),
+                    callback({"i": iteration, "total": config.iterations, "loss": history[-1]["loss"],
                               "rewards": history[-1]["rewards"]})
             except Cancelled:
                 cancelled = True

@@ -24,6 +24,11 @@ PUBLIC_API = {
     "RewardCombine": ["reward_1", "weight_1", "weight_2", "weight_3", "weight_4", "normalize_gradients",
                       "reward_2", "reward_3", "reward_4"],
     "RewardLambdaHarmonic": ["encoder", "references", "lam"],
+    "R0Train": ["pipeline", "reward_model", "prompts", "steps", "lr", "lora_rank", "reg_weight", "eta_min", "eta_max",
+                "mode", "seed", "save_name", "batch_size", "sampler_steps", "guidance", "width", "height"],
+    "R0ApplyLoRA": ["pipeline", "lora_name", "strength"],
+    "R0TestTimeRefine": ["pipeline", "reward_model", "prompt", "iterations", "lr", "seed", "steps", "guidance",
+                         "batch_size", "width", "height"],
 }
 
 

@@ -1,0 +1,69 @@
+"""The R0 training nodes, run without ComfyUI: train, cancel (partial LoRA kept, named), apply a LoRA file,
+refine at test time."""
+import os
+
+import pytest
+import torch
+
+from nodes import bridge
+from nodes.r0_nodes import R0FewStepGenerate, get_pipeline
+from nodes.reward_nodes import BESIDE, RewardLoader
+from nodes.train_nodes import R0ApplyLoRA, R0TestTimeRefine, R0Train
+from r0_core.sampler import Cancelled
+
+PROMPTS = "a red circle above a blue square\na green triangle left of a yellow circle"
+
+
+@pytest.fixture
+def folders(tmp_path, monkeypatch):
+    monkeypatch.setenv("R0_MODELS_DIR", str(tmp_path / "models"))
+    monkeypatch.setenv("R0_OUTPUT_DIR", str(tmp_path / "out"))
+    return tmp_path
+
+
+def train(save_name, steps=2):
+    reward = RewardLoader().load("clip", "tiny", BESIDE, "cpu", "fp32")[0]
+    with torch.inference_mode():  # as ComfyUI runs nodes
+        return R0Train().train(get_pipeline("tiny"), reward, PROMPTS, steps, 1e-3, 4, 0.01, 0.0, 1.0, "r0+", 0,
+                               save_name, 2, 4, 1.0, 32, 32)
+
+
+def generate(pipeline):
+    return R0FewStepGenerate().generate(pipeline, "a red circle above a blue square", 4, 0.0, 1.0, 3, 2, 32, 32,
+                                        False)[0]
+
+
+def test_train_then_apply_the_saved_lora(folders):
+    pipeline, path, curve = train("node run")
+    assert path == str(folders / "models" / "loras" / "node_run.safetensors") and os.path.isfile(path)
+    assert curve.ndim == 4 and curve.shape[-1] == 3 and curve.std() > 0
+    trained = generate(pipeline)
+    base = generate(get_pipeline("tiny"))  # the same cached pipeline, without the LoRA
+    assert not torch.allclose(trained, base)
+    (applied,) = R0ApplyLoRA().apply(get_pipeline("tiny"), "node_run.safetensors", 1.0)
+    assert torch.allclose(generate(applied), trained, atol=1e-5)
+    assert R0Train.IS_CHANGED() != R0Train.IS_CHANGED()  # never served from ComfyUI's cache
+
+
+def test_cancel_keeps_a_partial_lora_and_says_where(folders, monkeypatch, capsys):
+    def cancel_at_2(total):
+        def callback(info):
+            if info["i"] == 1:
+                raise Cancelled
+        return callback
+    monkeypatch.setattr(bridge, "cancellable_progress", cancel_at_2)
+    with pytest.raises(Cancelled):
+        train("stopped", steps=5)
+    partial = folders / "models" / "loras" / "stopped_partial.safetensors"
+    assert partial.is_file() and str(partial) in capsys.readouterr().out
+
+
+def test_test_time_refine_node_returns_refined_and_initial_images(folders):
+    reward = RewardLoader().load("clip", "tiny", BESIDE, "cpu", "fp32")[0]
+    with torch.inference_mode():
+        refined, initial = R0TestTimeRefine().refine(get_pipeline("tiny"), reward, "a red circle above a blue square",
+                                                     3, 5.0, 0, 4, 1.0, 2, 32, 32)
+    assert refined.shape == initial.shape == (2, 32, 32, 3)
+    with torch.no_grad():
+        scores = reward(torch.cat([refined, initial]).permute(0, 3, 1, 2), "a red circle above a blue square")
+    assert (scores[:2] >= scores[2:] - 1e-4).all()  # the best iterate is kept, never worse than the start
