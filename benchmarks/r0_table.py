@@ -60,6 +60,7 @@ def main(argv=None):
     parser.add_argument("--out", default="out/benchmarks/r0_table")
     parser.add_argument("--reuse", help="a table.json of an earlier run: its rows that do not depend on the "
                                         "training settings are taken as they are when captions, seeds and CFG match")
+    parser.add_argument("--trained-only", action="store_true", help="measure only the R0 and R0+ rows")
     parser.add_argument("--ship", action="store_true", help="copy the R0 LoRA into the shipped tiny weights")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -88,6 +89,8 @@ def main(argv=None):
         earlier = old["rows"] if same else {}
 
     def row(name, make):
+        if args.trained_only and not name.startswith("R0"):
+            return
         if name in earlier and not name.startswith(("R0", "base, 4 steps, generator")):
             rows[name] = earlier[name]
             print(name, "(reused)", json.dumps(rows[name]), flush=True)

@@ -33,7 +33,7 @@ def main(argv=None):
     parser.add_argument("--guidance", type=float, default=2.0)
     parser.add_argument("--eta", type=float, default=0.0, help="η of the 4-step R0 sampler")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--r0-guidance", type=float, default=1.0, help="CFG of the R0 LoRA row (trained without)")
+    parser.add_argument("--r0-guidance", type=float, default=2.0, help="CFG of the R0 LoRA row (as it was trained)")
     args = parser.parse_args(argv)
 
     started = time.time()
