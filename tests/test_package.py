@@ -66,7 +66,7 @@ def test_build_command_is_seeded_and_resumes_exactly(tmp_path, monkeypatch):
 
     small = ["--num-images", "200", "--vae-steps", "4", "--clip-steps", "2", "--unet-steps", "2",
              "--vae-batch", "4", "--clip-batch", "8", "--unet-batch", "4", "--threads", "1",
-             "--checkpoint-every", "2"]
+             "--reward-steps", "2", "--reward-batch", "8", "--checkpoint-every", "2"]
     build.main(["--out", str(tmp_path / "a" / "out"), "--work", str(tmp_path / "a" / "work"), *small])
 
     # run b stops after the VAE's second step (as Ctrl-C would), then the same command resumes it
@@ -92,6 +92,8 @@ def test_build_command_is_seeded_and_resumes_exactly(tmp_path, monkeypatch):
         folder_a, folder_b = (tmp_path / run / "out" / "tiny-sd" / component for run in ("a", "b"))
         file = next(f for f in os.listdir(folder_a) if f.endswith(".safetensors"))
         assert (folder_a / file).read_bytes() == (folder_b / file).read_bytes(), component
+    clip_a, clip_b = (tmp_path / run / "out" / "tiny-clip" / "model.safetensors" for run in ("a", "b"))
+    assert clip_a.read_bytes() == clip_b.read_bytes(), "reward CLIP"
     pipe = load_pipeline(str(tmp_path / "a" / "out" / "tiny-sd"))
     assert pipe.unet.config.in_channels == 4 and pipe.vae.config.scaling_factor > 0
     assert not any(p.name.endswith(".tmp") for p in (tmp_path / "a" / "out").iterdir())
