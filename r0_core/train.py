@@ -147,7 +147,9 @@ class Trainable:
             self.initial = [p.detach().clone() for p in self.params]
         else:
             targets = lora.ALL if config.lora_targets == "all" else lora.ATTENTION
-            lora.add_lora(unet, rank=config.lora_rank, targets=targets, name=adapter)
+            with torch.random.fork_rng(devices=[]):  # the LoRA's random init depends on the seed alone
+                torch.manual_seed(config.seed)
+                lora.add_lora(unet, rank=config.lora_rank, targets=targets, name=adapter)
             self.params = lora.lora_parameters(unet, adapter)
 
     def delta_norm2(self) -> torch.Tensor:
@@ -212,6 +214,9 @@ def train_r0(pipe, reward: RewardModel, config: R0Config, out_dir: str, lora_pat
     if normalize is None:
         normalize = getattr(reward, "normalize_gradients", True)
 
+    if any(p.is_inference() for p in pipe.unet.parameters()):
+        raise ValueError("the pipeline's weights were made in torch.inference_mode(), so they cannot be trained; "
+                         "load it outside inference mode (load_pipeline and the R0 Load Pipeline node do)")
     with torch.inference_mode(False), torch.enable_grad():  # ComfyUI runs nodes in inference mode
         pipe.vae.requires_grad_(False)
         pipe.text_encoder.requires_grad_(False)

@@ -68,9 +68,12 @@ def test_cancel_then_resume_equals_an_uninterrupted_run(reward, tmp_path):
 
 
 def test_trains_inside_inference_mode(reward, tmp_path):
+    pipe = fresh_pipe()  # loaded outside inference mode, as the loader node does
     with torch.inference_mode():  # as ComfyUI runs every node
-        result = train_r0(fresh_pipe(), reward, R0Config(prompts=PROMPTS, iterations=2, batch_size=2),
-                          str(tmp_path))
+        result = train_r0(pipe, reward, R0Config(prompts=PROMPTS, iterations=2, batch_size=2), str(tmp_path))
+    with torch.inference_mode():
+        with pytest.raises(ValueError, match="inference mode"):
+            train_r0(fresh_pipe(), reward, R0Config(prompts=PROMPTS, iterations=2), str(tmp_path / "b"))
     assert len(result.history) == 2
 
 

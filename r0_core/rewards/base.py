@@ -32,8 +32,9 @@ class RewardModel(torch.nn.Module):
         if new:
             if len(cache) > 50_000:
                 cache.clear()
-            out = self.tokenizer(new, padding="max_length", truncation=True, max_length=max_length,
-                                 return_tensors="pt")
+            with torch.inference_mode(False):  # cached ids must also serve later calls that need gradients
+                out = self.tokenizer(new, padding="max_length", truncation=True, max_length=max_length,
+                                     return_tensors="pt")
             for i, p in enumerate(new):
                 cache[p, max_length] = {k: v[i] for k, v in out.items()}
         rows = [cache[p, max_length] for p in prompts]
