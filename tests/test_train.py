@@ -93,3 +93,13 @@ def test_bad_settings_are_named():
         R0Config(prompts=PROMPTS, eta_range=(0.5, 0.2))
     with pytest.raises(ValueError, match="prompts"):
         R0Config(prompts=["", " "])
+
+
+def test_full_fine_tune_moves_the_weights_and_saves_the_unet(reward, tmp_path):
+    pipe = fresh_pipe()
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    result = train_r0(pipe, reward, R0Config(prompts=PROMPTS, iterations=2, batch_size=2, lora_rank=0, lr=1e-4),
+                      str(tmp_path))
+    assert result.lora_path is None and result.history[-1]["reg"] > 0
+    assert any(not torch.equal(v, before[k]) for k, v in pipe.unet.state_dict().items())
+    assert os.path.isfile(tmp_path / "unet" / "config.json")
