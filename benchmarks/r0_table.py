@@ -48,13 +48,13 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--captions", type=int, default=40, help="held-out captions per kind")
     parser.add_argument("--seeds", type=int, default=4, help="images per caption")
-    parser.add_argument("--iterations", type=int, default=300)
+    parser.add_argument("--iterations", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--reg-weight", type=float, default=1e-2)
+    parser.add_argument("--reg-weight", type=float, default=0.1)
     parser.add_argument("--guidance", type=float, default=2.0, help="CFG of the base model's 4-step rows")
-    parser.add_argument("--train-guidance", type=float, default=1.0,
+    parser.add_argument("--train-guidance", type=float, default=2.0,
                         help="CFG inside the R0 generator (1: none, one UNet call per step)")
     parser.add_argument("--refine-iterations", type=int, default=30)
     parser.add_argument("--out", default="out/benchmarks/r0_table")
