@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Callable, Optional, Sequence
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from .denoisers import DiffusersDenoiser
 from .sampler import sample_r0, seeded_noise, seeded_noise_sampler
@@ -28,6 +29,30 @@ def decode(pipe, latents: torch.Tensor) -> torch.Tensor:
     return ((images.float() + 1) / 2).clamp(0, 1)
 
 
+def latent_shape(pipe, batch: int, height: Optional[int] = None, width: Optional[int] = None) -> tuple:
+    """[B, C, h, w] of the UNet's latents for images of height x width (default: the model's own size)."""
+    height = height or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    width = width or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    if height % pipe.vae_scale_factor or width % pipe.vae_scale_factor:
+        raise ValueError(f"height={height}, width={width}; expected multiples of {pipe.vae_scale_factor}")
+    return batch, pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor
+
+
+def start_latents(noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """x_T from standard normal noise z: in σ terms z / α_T = z sqrt(1 + σ_T²), a VP sampler's pure-noise start."""
+    return noise * (1 + sigmas[0] ** 2).sqrt()
+
+
+def checkpointed(fn):
+    """fn(*args, **kwargs) with its activations recomputed in the backward pass instead of kept (trainers and
+    test-time R0 backpropagate through every UNet call and the VAE decode)."""
+    def call(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return fn(*args, **kwargs)
+        return checkpoint(fn, *args, use_reentrant=False, **kwargs)
+    return call
+
+
 def sample_latents(pipe, cond: torch.Tensor, uncond: Optional[torch.Tensor], *, steps: int = 4,
                    eta: float = 0.0, guidance: float = 1.0, seeds: Optional[Sequence[int]] = None,
                    timesteps: Optional[Sequence[int]] = None, height: Optional[int] = None,
@@ -35,16 +60,10 @@ def sample_latents(pipe, cond: torch.Tensor, uncond: Optional[torch.Tensor], *, 
                    disable: bool = True) -> torch.Tensor:
     """The R0 sampler on encoded prompts: scaled latents (as the UNet sees them), one image per row of cond."""
     seeds = list(range(len(cond))) if seeds is None else list(seeds)
-    height = height or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    width = width or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    if height % pipe.vae_scale_factor or width % pipe.vae_scale_factor:
-        raise ValueError(f"height={height}, width={width}; expected multiples of {pipe.vae_scale_factor}")
     model = DiffusersDenoiser.from_pipeline(pipe)
     sigmas = scheduler_sigmas(pipe.scheduler, steps, timesteps).to(cond.device)
-    shape = (len(cond), pipe.unet.config.in_channels, height // pipe.vae_scale_factor,
-             width // pipe.vae_scale_factor)
-    # x_T in σ terms is z / α_T = z sqrt(1 + σ_T²): the same start as a VP sampler's pure-noise latent z
-    x = seeded_noise(shape, seeds, cond.device, cond.dtype) * (1 + sigmas[0] ** 2).sqrt()
+    shape = latent_shape(pipe, len(cond), height, width)
+    x = start_latents(seeded_noise(shape, seeds, cond.device, cond.dtype), sigmas)
     return sample_r0(model, x, sigmas, {"cond": cond, "uncond": uncond, "guidance": guidance}, callback, disable,
                      eta=eta, noise_sampler=seeded_noise_sampler(x, seeds))
 

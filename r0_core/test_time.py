@@ -22,10 +22,9 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from .denoisers import DiffusersDenoiser
-from .generate import decode, encode_prompts
+from .generate import checkpointed, decode, encode_prompts, latent_shape, start_latents
 from .rewards.base import RewardModel
 from .rewards.composite import WeightedReward
 from .sampler import Cancelled, sample_r0, seeded_noise, seeded_noise_sampler
@@ -161,38 +160,24 @@ def _frozen(*modules):
             p.requires_grad_(flag)
 
 
-def _checkpointed(fn):
-    """fn(*args, **kwargs) with its activations recomputed in the backward pass instead of kept."""
-    def call(*args, **kwargs):
-        if not torch.is_grad_enabled():
-            return fn(*args, **kwargs)
-        return checkpoint(fn, *args, use_reentrant=False, **kwargs)
-    return call
-
-
 def _generator(pipe, prompts, *, seed, steps, eta, guidance, height, width):
     """(render, noise): `render(noise) -> (images [B, 3, H, W] in 0..1, scaled latents)` runs `generate`'s
     sampler from the start noise `noise`, the seeded fp32 leaf to optimise. The re-noising ξ (η > 0) is drawn
     afresh from the same seeds at every call, so it stays fixed across iterations and only ε moves."""
     with torch.no_grad():
         cond, uncond = encode_prompts(pipe, prompts, guidance)
-    height = height or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    width = width or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    if height % pipe.vae_scale_factor or width % pipe.vae_scale_factor:
-        raise ValueError(f"height={height}, width={width}; expected multiples of {pipe.vae_scale_factor}")
-    shape = (len(prompts), pipe.unet.config.in_channels, height // pipe.vae_scale_factor,
-             width // pipe.vae_scale_factor)
+    shape = latent_shape(pipe, len(prompts), height, width)
     seeds = [seed + i for i in range(len(prompts))]
-    model = _checkpointed(DiffusersDenoiser.from_pipeline(pipe))
+    model = checkpointed(DiffusersDenoiser.from_pipeline(pipe))
     sigmas = scheduler_sigmas(pipe.scheduler, steps).to(cond.device)
     extra = {"cond": cond, "uncond": uncond, "guidance": guidance}
     noise = seeded_noise(shape, seeds, cond.device, torch.float32).requires_grad_(True)
 
     def render(noise):
-        x = noise.to(cond.dtype) * (1 + sigmas[0] ** 2).sqrt()   # x_T = z / α_T, as `sample_latents` starts
+        x = start_latents(noise.to(cond.dtype), sigmas)
         latents = sample_r0(model, x, sigmas, extra, disable=True, eta=eta,
                             noise_sampler=seeded_noise_sampler(x, seeds))
-        return _checkpointed(decode)(pipe, latents), latents
+        return checkpointed(decode)(pipe, latents), latents
     return render, noise
 
 

@@ -24,12 +24,11 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from . import lora
 from .denoisers import DiffusersDenoiser
 from .files import atomic_save, atomic_write
-from .generate import decode, encode_prompts
+from .generate import checkpointed, decode, encode_prompts, latent_shape, start_latents
 from .rewards import RewardModel, WeightedReward
 from .sampler import Cancelled, sample_r0
 from .schedule import scheduler_sigmas
@@ -101,14 +100,11 @@ def generator_images(pipe, model, config: R0Config, prompts: list[str], gen: tor
     with torch.no_grad():
         cond, uncond = encode_prompts(pipe, prompts, config.guidance)
     sigmas = scheduler_sigmas(pipe.scheduler, config.steps).to(cond.device)
-    height = config.height or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    width = config.width or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    shape = (len(prompts), pipe.unet.config.in_channels, height // pipe.vae_scale_factor,
-             width // pipe.vae_scale_factor)
+    shape = latent_shape(pipe, len(prompts), config.height, config.width)
     lo, hi = config.eta_range
     etas = lo + (hi - lo) * torch.rand(config.steps, generator=gen)
     k = int(torch.randint(config.steps, (1,), generator=gen)) if config.mode == "r0+" else config.steps
-    x = torch.randn(shape, generator=gen).to(cond) * (1 + sigmas[0] ** 2).sqrt()
+    x = start_latents(torch.randn(shape, generator=gen).to(cond), sigmas)
     noise = lambda sigma, sigma_next: torch.randn(shape, generator=gen).to(cond)  # noqa: E731
     extra = {"cond": cond, "uncond": uncond, "guidance": config.guidance}
     if config.mode == "r0":
@@ -118,9 +114,7 @@ def generator_images(pipe, model, config: R0Config, prompts: list[str], gen: tor
             with torch.no_grad():
                 x = sample_r0(model, x, sigmas[:k + 1], extra, eta=etas[:k], noise_sampler=noise, disable=True)
         latents = model(x, sigmas[k] * x.new_ones(len(x)), **extra)  # x̂0 at step k
-    if config.gradient_checkpointing:
-        return checkpoint(decode, pipe, latents, use_reentrant=False)
-    return decode(pipe, latents)
+    return (checkpointed(decode) if config.gradient_checkpointing else decode)(pipe, latents)
 
 
 def reward_loss(reward: RewardModel, images: torch.Tensor, prompts: list[str], normalize: bool):
@@ -225,9 +219,7 @@ def train_r0(pipe, reward: RewardModel, config: R0Config, out_dir: str, lora_pat
         unet, optimizer = accelerator.prepare(pipe.unet, optimizer)
         denoiser = DiffusersDenoiser(unet, pipe.scheduler.alphas_cumprod,
                                      pipe.scheduler.config.get("prediction_type", "epsilon"))
-        model = denoiser
-        if config.gradient_checkpointing:
-            model = lambda x, sigma, **kw: checkpoint(denoiser, x, sigma, use_reentrant=False, **kw)  # noqa: E731
+        model = checkpointed(denoiser) if config.gradient_checkpointing else denoiser
 
         state_path = os.path.join(out_dir, "trainer_state.pt")
         start, history = 0, []
