@@ -160,32 +160,43 @@ class Trainable:
                 p.copy_(state[str(i)])
 
 
-def save_curve(history: list[dict], path: str) -> str:
-    """Reward and loss against iterations, with a moving average, as a PNG."""
+def save_curve(path: str, top: dict[str, tuple[list, list]], bottom: dict[str, tuple[list, list]],
+               top_label: str = "reward (batch mean)", x_label: str = "iteration") -> str:
+    """Two panels of named (x, y) series, each drawn faintly with its moving average over it, as a PNG."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    def smooth(values, n=max(1, len(history) // 20)):
+    def smooth(values):
+        n = max(1, len(values) // 20)
         return [sum(values[max(0, i - n + 1):i + 1]) / len(values[max(0, i - n + 1):i + 1])
                 for i in range(len(values))]
 
-    steps = [h["iteration"] for h in history]
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6, 5), sharex=True)
-    for j, _ in enumerate(history[0]["rewards"] if history else []):
-        values = [h["rewards"][j] for h in history]
-        top.plot(steps, values, alpha=0.3, color=f"C{j}")
-        top.plot(steps, smooth(values), color=f"C{j}", label=f"reward {j + 1}")
-    top.set_ylabel("reward (batch mean)")
-    top.legend(loc="lower right")
-    bottom.plot(steps, smooth([h["loss"] for h in history]), label="loss")
-    bottom.plot(steps, smooth([h["reg"] for h in history]), label="reg_weight·‖θ−θ0‖²")
-    bottom.set_xlabel("iteration")
-    bottom.legend(loc="upper right")
+    fig, axes = plt.subplots(2, 1, figsize=(6, 5), sharex=True)
+    for axis, series, label in ((axes[0], top, top_label), (axes[1], bottom, None)):
+        for j, (name, (xs, ys)) in enumerate(series.items()):
+            axis.plot(xs, ys, alpha=0.3, color=f"C{j}")
+            axis.plot(xs, smooth(ys), color=f"C{j}", label=name)
+        if series:
+            axis.legend(loc="best")
+        if label:
+            axis.set_ylabel(label)
+    axes[1].set_xlabel(x_label)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
     return path
+
+
+def load_state(state_path: str, fingerprint: str) -> Optional[dict]:
+    """A run's saved state if there is one; an error if it was made with other settings."""
+    if not os.path.exists(state_path):
+        return None
+    saved = torch.load(state_path, weights_only=True, map_location="cpu")
+    if saved["fingerprint"] != fingerprint:
+        raise ValueError(f"{os.path.dirname(state_path)} holds a run with other settings; choose another output "
+                         f"folder (save name) or delete {state_path} to start over")
+    return saved
 
 
 def train_r0(pipe, reward: RewardModel, config: R0Config, out_dir: str, lora_path: Optional[str] = None,
@@ -223,11 +234,8 @@ def train_r0(pipe, reward: RewardModel, config: R0Config, out_dir: str, lora_pat
 
         state_path = os.path.join(out_dir, "trainer_state.pt")
         start, history = 0, []
-        if os.path.exists(state_path):
-            saved = torch.load(state_path, weights_only=True, map_location="cpu")
-            if saved["fingerprint"] != config.fingerprint():
-                raise ValueError(f"{out_dir} holds a run with other settings; choose another output folder (save "
-                                 f"name) or delete {state_path} to start over")
+        saved = load_state(state_path, config.fingerprint())
+        if saved is not None:
             trainable.load_state_dict(saved["trainable"])
             optimizer.load_state_dict(saved["optimizer"])
             start, history = saved["iteration"], json.loads(saved["history"])
@@ -270,7 +278,12 @@ def train_r0(pipe, reward: RewardModel, config: R0Config, out_dir: str, lora_pat
 
         unet.eval()
         accelerator.unwrap_model(unet)
-        curve = save_curve(history, os.path.join(out_dir, "curve.png"))
+        steps = [h["iteration"] for h in history]
+        rewards = {f"reward {j + 1}": (steps, [h["rewards"][j] for h in history])
+                   for j in range(len(history[0]["rewards"]) if history else 0)}
+        curve = save_curve(os.path.join(out_dir, "curve.png"), rewards,
+                           {"loss": (steps, [h["loss"] for h in history]),
+                            "reg_weight·‖θ−θ0‖²": (steps, [h["reg"] for h in history])})
         result_path = None
         if accelerator.is_main_process and not trainable.full:
             if cancelled:

@@ -1,0 +1,416 @@
+"""RPO: subject fine-tuning from a few reference images with a diffusion loss, a preference loss labelled by the
+λ-Harmonic reward, and checkpoint selection by λ_val-Harmonic validation on few-step samples.
+
+Before training:
+  1. negatives: the frozen model draws `negatives_per_prompt` images for each training prompt with the K-step
+     sampler (the prompts carry the rare token, which the frozen model does not know yet);
+  2. rewards with λ_train-Harmonic: r_ref[i, p] for reference i scored against prompt p, r_gen[j] for negative j
+     against its own prompt.
+One iteration, for a batch of (reference, negative) pairs:
+  3. label y ~ Bernoulli(σ((r_ref − r_gen) / τ)): 1 prefers the reference, 0 the negative;
+  4. one noise and one timestep per pair; ℓ = per-image diffusion MSE, ℓ_θ from the trained model and ℓ_ref
+     from the frozen one; Δ = (ℓ_ref − ℓ_θ)(reference) − (ℓ_ref − ℓ_θ)(negative);
+  5. L = L_sim + L_pref with L_sim = mean ℓ_θ(reference) (+ prior_weight · ℓ_θ(class image) for DreamBooth with
+     prior preservation) and L_pref = −mean[y log σ(βΔ) + (1 − y) log σ(−βΔ)]; one AdamW step;
+  6. every `validate_every` iterations: sample the training prompts with the K-step sampler, score with
+     λ_val-Harmonic against the references (rare token removed for the text term) and keep the best weights.
+
+Deviations from the paper's SD script, on purpose: β is applied (it is parsed and ignored there), noise and
+timestep are shared within a pair (as its SDXL script and Diffusion-DPO do), labels have a temperature τ (there
+the reward gap of ~0.05 makes them near coin flips), and validation uses the few-step sampler (50 steps there).
+DreamBooth is the same trainer with `preference=False`.
+
+`python -m rpo_core.train --help` (or `accelerate launch -m rpo_core.train ...`) runs it from the shell;
+`train_rpo(pipe, encoder, references, config, out_dir)` from Python.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import hashlib
+import json
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from r0_core import lora
+from r0_core.files import atomic_save
+from r0_core.generate import generate
+from r0_core.rewards import LambdaHarmonic, RewardModel
+from r0_core.sampler import Cancelled
+from r0_core.train import Trainable, load_state, save_curve
+
+from .dreambench import strip_token
+
+# the paper's eight training prompts for objects, written with {0} = rare token and {1} = class noun
+PAPER_PROMPTS = (
+    "a {0} {1} in the style of Van Gogh", "a {0} {1} on the Moon", "a green {0} {1}",
+    "a {0} {1} with the Great Wall of China in the background", "a {0} {1} on a wooden roof",
+    "a {0} {1} with the Statue of Liberty in the background", "a {0} {1} with a volcano in the background",
+    "a {0} {1} on a subway platform",
+)
+
+
+@dataclass
+class RPOConfig:
+    token: str                            # the rare token, [V]
+    class_name: str                       # the class noun: "dog", "circle"
+    prompts: Optional[list[str]] = None   # training prompts containing the token; None: PAPER_PROMPTS
+    reference_prompt: Optional[str] = None  # None: "a <token> <class>"
+    iterations: int = 400
+    batch_size: int = 4                   # (reference, negative) pairs per step
+    lr: float = 1e-4
+    lora_rank: int = 8                    # 0 trains the full UNet
+    lora_targets: str = "all"             # "attention" or "all" (see r0_core.lora)
+    preference: bool = True               # False: DreamBooth (L_sim only)
+    beta: float = 1000.0                  # scale of Δ inside the logistic loss (Diffusion-DPO uses 10³ order)
+    tau: float = 0.02                     # label temperature on the reward gap
+    lambda_train: float = 0.0             # λ of the labels' λ-Harmonic reward (the paper: 0, text only)
+    lambda_val: float = 0.5               # λ of the validation reward
+    prior_weight: float = 0.0             # DreamBooth prior preservation on class images from the frozen model
+    negatives_per_prompt: int = 4
+    validate_every: int = 40
+    select_best: bool = True              # end with the best validated weights (False: the last ones)
+    validation_images: int = 4            # per training prompt
+    sampler_steps: int = 4                # K, for negatives and validation
+    guidance: float = 2.0                 # CFG of the sampler for negatives and validation
+    seed: int = 0
+    checkpoint_every: int = 50
+    mixed_precision: str = "auto"         # "no", "fp16", "bf16"; auto: bf16 on CUDA, else no
+
+    def __post_init__(self):
+        for name in ("token", "class_name"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value.strip() or len(value.split()) != 1 and name == "token":
+                raise ValueError(f"{name}={value!r}; expected a non-empty word (token: one word, e.g. 'sks')")
+        if self.prompts is None:
+            self.prompts = [p.format(self.token, self.class_name) for p in PAPER_PROMPTS]
+        if not self.prompts or any(not isinstance(p, str) or not p.strip() for p in self.prompts):
+            raise ValueError("prompts: expected one or more non-empty training prompts")
+        missing = [p for p in self.prompts if self.token not in p.split()]
+        if missing:
+            raise ValueError(f"training prompts {missing} lack the token {self.token!r}; write it where the subject "
+                             f"goes, e.g. 'a {self.token} {self.class_name} on the beach'")
+        if self.reference_prompt is None:
+            self.reference_prompt = f"a {self.token} {self.class_name}"
+        for name in ("lambda_train", "lambda_val"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name}={getattr(self, name)}; expected a value in [0, 1]")
+        if self.tau <= 0 or self.beta < 0:
+            raise ValueError(f"tau={self.tau}, beta={self.beta}; expected tau > 0 and beta >= 0")
+        if min(self.iterations, self.batch_size, self.negatives_per_prompt, self.validate_every,
+               self.validation_images, self.sampler_steps) < 1:
+            raise ValueError("iterations, batch_size, negatives_per_prompt, validate_every, validation_images and "
+                             "sampler_steps must be at least 1")
+
+    def fingerprint(self) -> str:
+        keep = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("iterations", "checkpoint_every")}
+        return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def strip(self, prompt: str) -> str:
+        """The prompt without the rare token, for the validation reward's text term (as DreamBench's CLIP-T)."""
+        return strip_token(prompt, self.token)
+
+
+@dataclass
+class RPOResult:
+    lora_path: Optional[str]      # the best LoRA (partial if cancelled); None in full fine-tune mode
+    curve_path: str
+    best_iteration: int           # 0: no validation ran
+    best_score: float
+    history: list[dict] = field(default_factory=list)
+    validations: list[dict] = field(default_factory=list)
+    cancelled: bool = False
+
+
+# ----------------------------------------------------------------------------------------------- the pieces
+
+def vae_latents(pipe, images: torch.Tensor) -> torch.Tensor:
+    """Scaled VAE latents (as the UNet sees them) of images [B, 3, H, W] in 0..1: the posterior mean."""
+    vae = pipe.vae
+    posterior = vae.encode((images * 2 - 1).to(vae.device, vae.dtype)).latent_dist
+    return posterior.mean * vae.config.scaling_factor
+
+
+def preference_labels(r_ref: torch.Tensor, r_gen: torch.Tensor, tau: float, gen: torch.Generator) -> torch.Tensor:
+    """y ~ Bernoulli(σ((r_ref − r_gen) / τ)), 1.0 where the reference is preferred."""
+    return torch.bernoulli(torch.sigmoid((r_ref - r_gen) / tau), generator=gen)
+
+
+def diffusion_losses(unet, scheduler, latents, cond, noise, timesteps) -> torch.Tensor:
+    """Per-image MSE of the UNet's prediction (ε or v, as the scheduler was trained) at the given noise and t."""
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    if scheduler.config.get("prediction_type", "epsilon") == "v_prediction":
+        target = scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        target = noise
+    prediction = unet(noisy, timesteps, encoder_hidden_states=cond).sample
+    return F.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(1)
+
+
+def pair_noise(like: torch.Tensor, scheduler, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """One noise and one timestep per pair (`like`: one row per pair), so that the two halves of a pair differ
+    only in image and prompt and Δ measures the preference, not the luck of the draw."""
+    noise = torch.randn(like.shape, generator=gen).to(like)
+    t = torch.randint(scheduler.config.num_train_timesteps, (len(like),), generator=gen).to(like.device)
+    return noise, t
+
+
+def pair_losses(unet, scheduler, ref_latents, gen_latents, cond, noise, t) -> torch.Tensor:
+    """ℓ for the references then the negatives ([2B]), each pair under the same noise and timestep."""
+    return diffusion_losses(unet, scheduler, torch.cat([ref_latents, gen_latents]), cond,
+                            torch.cat([noise, noise]), torch.cat([t, t]))
+
+
+def preference_loss(delta: torch.Tensor, labels: torch.Tensor, beta: float) -> torch.Tensor:
+    """−mean[y log σ(βΔ) + (1 − y) log σ(−βΔ)]."""
+    return -(labels * F.logsigmoid(beta * delta) + (1 - labels) * F.logsigmoid(-beta * delta)).mean()
+
+
+def sample(pipe, prompts: list[str], config: RPOConfig, seed: int, per_prompt: int) -> tuple[torch.Tensor, list]:
+    """per_prompt images for each prompt from the K-step sampler: (images [N,3,H,W] 0..1, scaled latents, prompts)."""
+    prompts = [p for p in prompts for _ in range(per_prompt)]
+    with torch.no_grad():
+        images, latents = generate(pipe, prompts, steps=config.sampler_steps, guidance=config.guidance,
+                                   seeds=[seed + i for i in range(len(prompts))])
+    return images.float(), latents * pipe.vae.config.scaling_factor, prompts
+
+
+def validate(pipe, config: RPOConfig, scorer: LambdaHarmonic, seed: int) -> dict:
+    """Mean λ_val-Harmonic reward of fresh K-step samples of the training prompts (token removed for text)."""
+    images, _, prompts = sample(pipe, config.prompts, config, seed, config.validation_images)
+    with torch.no_grad():
+        score = scorer(images.to(scorer_device(scorer)), [config.strip(p) for p in prompts])
+    return {"score": float(score.mean())}
+
+
+def scorer_device(scorer: RewardModel) -> torch.device:
+    return next(scorer.parameters()).device
+
+
+@contextmanager
+def frozen_model(pipe, others: list, adapter: str, frozen_unet):
+    """The model as it was before training: the training adapter switched off (LoRA) or the frozen copy (full)."""
+    if frozen_unet is not None:
+        yield frozen_unet
+        return
+    lora.use_loras(pipe, others)
+    try:
+        yield pipe.unet
+    finally:
+        lora.use_loras(pipe, others + [(adapter, 1.0)])
+
+
+# ----------------------------------------------------------------------------------------------- the trainer
+
+def train_rpo(pipe, encoder: RewardModel, references: torch.Tensor, config: RPOConfig, out_dir: str,
+              lora_path: Optional[str] = None, callback: Optional[Callable[[dict], None]] = None,
+              accelerator=None, adapter: str = "rpo") -> RPOResult:
+    """Fine-tune pipe.unet on the subject in `references` ([N, 3, H, W] in 0..1 at the model's size), with the
+    λ-Harmonic reward on `encoder` (any scorer with image_embeds and text_embeds: CLIP, ALIGN, ...).
+    Checkpoints to out_dir and resumes from it; the best validated weights end up in pipe.unet (adapter
+    `adapter`, left active) and in lora_path. callback({"i", "total", "loss", ...}) after each iteration;
+    raising Cancelled there saves the state and the best LoRA so far (as *_partial)."""
+    from accelerate import Accelerator
+
+    if references.ndim != 4 or references.shape[1] != 3 or len(references) < 1:
+        raise ValueError(f"references have shape {tuple(references.shape)}; expected [N, 3, H, W] in 0..1 with "
+                         f"N >= 1 (rpo_core.references.load_references makes that from image files)")
+    device = pipe.unet.device
+    if accelerator is None:
+        precision = config.mixed_precision
+        if precision == "auto":
+            precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
+        accelerator = Accelerator(mixed_precision=precision, cpu=device.type == "cpu")
+    os.makedirs(out_dir, exist_ok=True)
+    lora_path = lora_path or os.path.join(out_dir, "rpo_lora.safetensors")
+    if any(p.is_inference() for p in pipe.unet.parameters()):
+        raise ValueError("the pipeline's weights were made in torch.inference_mode(), so they cannot be trained; "
+                         "load it outside inference mode (load_pipeline and the R0 Load Pipeline node do)")
+
+    with torch.inference_mode(False), torch.enable_grad():
+        pipe.vae.requires_grad_(False)
+        pipe.text_encoder.requires_grad_(False)
+        references = references.float().to(device)
+        label_reward = LambdaHarmonic(encoder, config.lambda_train, references.to(scorer_device(encoder)))
+        val_reward = LambdaHarmonic(encoder, config.lambda_val, references.to(scorer_device(encoder)))
+
+        # 1-2: negatives, class images and rewards, from the frozen model, before any weight moves
+        others = lora.active_loras(pipe)
+        neg_images, neg_latents, neg_prompts = sample(pipe, config.prompts, config, config.seed * 100_003,
+                                                      config.negatives_per_prompt)
+        with torch.no_grad():
+            ref_latents = vae_latents(pipe, references)
+            on = scorer_device(encoder)
+            r_gen = label_reward(neg_images.to(on), neg_prompts).cpu()
+            r_ref = torch.stack([label_reward(references.to(on), [p] * len(references)).cpu()
+                                 for p in config.prompts], 1)                    # [N_ref, N_prompts]
+            prior_latents = None
+            if config.prior_weight > 0:
+                _, prior_latents, _ = sample(pipe, [f"a {config.class_name}"], config, config.seed * 100_003 + 7919,
+                                             config.negatives_per_prompt * len(config.prompts))
+            embed = lambda texts: pipe.encode_prompt(texts, device, 1, False)[0]  # noqa: E731
+            ref_cond = embed([config.reference_prompt])
+            prompt_cond = embed(config.prompts)
+            class_cond = embed([f"a {config.class_name}"])
+        prompt_index = torch.tensor([config.prompts.index(p) for p in neg_prompts])
+
+        frozen_unet = copy.deepcopy(pipe.unet).requires_grad_(False).eval() if config.lora_rank == 0 else None
+        trainable = Trainable(pipe.unet, config, adapter)
+        if not trainable.full:
+            lora.use_loras(pipe, others + [(adapter, 1.0)])
+        optimizer = torch.optim.AdamW(trainable.params, lr=config.lr, weight_decay=1e-2)
+        unet, optimizer = accelerator.prepare(pipe.unet, optimizer)
+        scheduler = pipe.scheduler  # add_noise and the prediction type: the training-time schedule
+
+        state_path = os.path.join(out_dir, "trainer_state.pt")
+        start, history, validations = 0, [], []
+        best = {"iteration": 0, "score": float("-inf"), "weights": trainable.state_dict()}
+        saved = load_state(state_path, config.fingerprint())
+        if saved is not None:
+            trainable.load_state_dict(saved["trainable"])
+            optimizer.load_state_dict(saved["optimizer"])
+            start, history, validations = saved["iteration"], json.loads(saved["history"]), \
+                json.loads(saved["validations"])
+            best = {"iteration": saved["best_iteration"], "score": saved["best_score"], "weights": saved["best"]}
+
+        def save_state(iteration):
+            if accelerator.is_main_process:
+                atomic_save({"fingerprint": config.fingerprint(), "iteration": iteration,
+                             "trainable": trainable.state_dict(), "optimizer": optimizer.state_dict(),
+                             "history": json.dumps(history), "validations": json.dumps(validations),
+                             "best": best["weights"], "best_iteration": best["iteration"],
+                             "best_score": best["score"]}, state_path)
+
+        cancelled = False
+        for iteration in range(start, config.iterations):
+            gen = torch.Generator("cpu").manual_seed((config.seed * 1_000_003 + iteration) * 64
+                                                     + accelerator.process_index)
+            b = config.batch_size
+            i_ref = torch.randint(len(references), (b,), generator=gen)
+            i_neg = torch.randint(len(neg_images), (b,), generator=gen)
+            labels = preference_labels(r_ref[i_ref, prompt_index[i_neg]], r_gen[i_neg], config.tau, gen)
+            cond = torch.cat([ref_cond.expand(b, -1, -1), prompt_cond[prompt_index[i_neg]]])
+            noise, t = pair_noise(ref_latents[i_ref], scheduler, gen)
+            unet.train()
+            with accelerator.autocast():
+                loss_theta = pair_losses(unet, scheduler, ref_latents[i_ref], neg_latents[i_neg].to(ref_latents),
+                                         cond, noise, t)
+                l_sim = loss_theta[:b].mean()
+                l_pref = torch.zeros(())
+                if config.preference:
+                    with torch.no_grad(), frozen_model(pipe, others, adapter, frozen_unet) as ref_unet:
+                        loss_ref = pair_losses(ref_unet, scheduler, ref_latents[i_ref],
+                                               neg_latents[i_neg].to(ref_latents), cond, noise, t)
+                    delta = (loss_ref[:b] - loss_theta[:b]) - (loss_ref[b:] - loss_theta[b:])
+                    l_pref = preference_loss(delta, labels.to(delta), config.beta)
+                l_prior = torch.zeros(())
+                if prior_latents is not None:
+                    j = torch.randint(len(prior_latents), (b,), generator=gen)
+                    l_prior = config.prior_weight * diffusion_losses(
+                        unet, scheduler, prior_latents[j].to(ref_latents), class_cond.expand(b, -1, -1), noise,
+                        t).mean()
+                loss = l_sim + l_pref + l_prior
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(trainable.params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            history.append({"iteration": iteration + 1, "loss": float(loss.detach()), "l_sim": float(l_sim.detach()),
+                            "l_pref": float(l_pref.detach()), "labels": float(labels.mean())})
+
+            if (iteration + 1) % config.validate_every == 0 or iteration + 1 == config.iterations:
+                unet.eval()
+                result = validate(pipe, config, val_reward, config.seed * 100_003 + 50_000)
+                validations.append({"iteration": iteration + 1, **result})
+                if result["score"] > best["score"]:
+                    best = {"iteration": iteration + 1, "score": result["score"], "weights": trainable.state_dict()}
+            if (iteration + 1) % config.checkpoint_every == 0:
+                save_state(iteration + 1)
+            try:
+                if callback is not None:
+                    callback({"i": iteration, "total": config.iterations, **history[-1],
+                              "validation": validations[-1] if validations else None})
+            except Cancelled:
+                cancelled = True
+                save_state(iteration + 1)
+                break
+        else:
+            save_state(config.iterations)
+
+        unet.eval()
+        accelerator.unwrap_model(unet)
+        if config.select_best and best["iteration"] > 0:
+            trainable.load_state_dict(best["weights"])   # keep the best validated weights, as RPO's selection does
+        steps = [h["iteration"] for h in history]
+        curve = save_curve(os.path.join(out_dir, "curve.png"),
+                           {f"λ_val={config.lambda_val} validation": ([v["iteration"] for v in validations],
+                                                                      [v["score"] for v in validations])},
+                           {"L_sim": (steps, [h["l_sim"] for h in history]),
+                            "L_pref": (steps, [h["l_pref"] for h in history])}, top_label="validation reward")
+        result_path = None
+        if accelerator.is_main_process and not trainable.full:
+            if cancelled:
+                stem, ext = os.path.splitext(lora_path)
+                lora_path = f"{stem}_partial{ext}"
+            metadata = {"rpo_config": json.dumps(dataclasses.asdict(config), default=str),
+                        "rpo_iteration": str(best["iteration"] if config.select_best else len(history))}
+            result_path = lora.save_lora(pipe.unet, lora_path, adapter, metadata=metadata)
+        elif accelerator.is_main_process:
+            pipe.unet.save_pretrained(os.path.join(out_dir, "unet"))
+    return RPOResult(result_path, curve, best["iteration"], best["score"], history, validations, cancelled)
+
+
+# ----------------------------------------------------------------------------------------------- command line
+
+def main(argv=None):
+    from accelerate import Accelerator
+
+    from r0_core.loading import load_pipeline
+    from r0_core.rewards import load_reward
+    from r0_core.train import read_prompts
+
+    from .references import load_references
+
+    defaults = RPOConfig(token="sks", class_name="x")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny", help="tiny, a diffusers folder or a single-file checkpoint")
+    parser.add_argument("--references", required=True, help="a folder of the subject's images")
+    parser.add_argument("--encoder", default="clip:tiny",
+                        help="the λ-Harmonic encoder as family:path[:support], e.g. align:/models/align-base")
+    parser.add_argument("--prompts-file", help="training prompts, one per line (default: the paper's eight)")
+    parser.add_argument("--out", required=True, help="folder for checkpoints, the curve and the LoRA")
+    skip = ("prompts",)
+    for f in dataclasses.fields(RPOConfig):
+        if f.name in skip:
+            continue
+        value = getattr(defaults, f.name) if f.name not in ("token", "class_name", "reference_prompt") else None
+        kind = type(value) if value is not None else str
+        parser.add_argument(f"--{f.name.replace('_', '-')}", required=f.name in ("token", "class_name"),
+                            type=kind if kind is not bool else lambda s: s.lower() in ("1", "true", "yes"),
+                            default=value)
+    args = parser.parse_args(argv)
+
+    fields = {f.name for f in dataclasses.fields(RPOConfig)} - set(skip)
+    config = RPOConfig(prompts=read_prompts(args.prompts_file) if args.prompts_file else None,
+                       **{k: getattr(args, k) for k in fields})
+    precision = config.mixed_precision
+    accelerator = Accelerator(mixed_precision=None if precision == "auto" else precision)
+    pipe = load_pipeline(args.model, device=accelerator.device)
+    family, _, rest = args.encoder.partition(":")
+    path, _, support = rest.partition(":")
+    encoder = load_reward(family, path, support or None, device=accelerator.device)
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    references = load_references(args.references, size)
+    result = train_rpo(pipe, encoder, references, config, args.out, accelerator=accelerator)
+    if accelerator.is_main_process:
+        print(json.dumps({"lora": result.lora_path, "curve": result.curve_path,
+                          "best_iteration": result.best_iteration, "best_score": result.best_score}))
+
+
+if __name__ == "__main__":
+    main()
