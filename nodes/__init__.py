@@ -1,9 +1,10 @@
 """The ComfyUI adapters: the only part of the pack that may import ComfyUI. Each node family lives in its own
 module; their mappings are merged here."""
-from . import r0_nodes, reward_nodes, train_nodes
+from . import r0_nodes, reward_nodes, rpo_nodes, train_nodes
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {**r0_nodes.NODE_CLASS_MAPPINGS, **reward_nodes.NODE_CLASS_MAPPINGS,
-                                      **train_nodes.NODE_CLASS_MAPPINGS}
+                                      **train_nodes.NODE_CLASS_MAPPINGS, **rpo_nodes.NODE_CLASS_MAPPINGS}
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {**r0_nodes.NODE_DISPLAY_NAME_MAPPINGS,
                                                    **reward_nodes.NODE_DISPLAY_NAME_MAPPINGS,
-                                                   **train_nodes.NODE_DISPLAY_NAME_MAPPINGS}
+                                                   **train_nodes.NODE_DISPLAY_NAME_MAPPINGS,
+                                                   **rpo_nodes.NODE_DISPLAY_NAME_MAPPINGS}

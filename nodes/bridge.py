@@ -59,6 +59,34 @@ def output_dir() -> str:
     return os.environ.get("R0_OUTPUT_DIR", "out")
 
 
+def input_dir() -> str:
+    """ComfyUI's input folder (standalone: $R0_INPUT_DIR, default ./input)."""
+    if _folder_paths is not None:
+        return _folder_paths.get_input_directory()
+    return os.environ.get("R0_INPUT_DIR", "input")
+
+
+def list_input_folders() -> list[str]:
+    """Sub-folders of the input folder, as relative paths: where users put a subject's reference photos."""
+    root = input_dir()
+    found = []
+    for base, dirs, _ in os.walk(root):
+        found += [os.path.relpath(os.path.join(base, d), root) for d in dirs]
+    return sorted(found)
+
+
+def resolve_input(name: str) -> str:
+    """The full path of a sub-folder of the input folder; refuses anything that escapes it."""
+    root = os.path.realpath(input_dir())
+    path = os.path.realpath(os.path.join(root, name))
+    if os.path.commonpath([root, path]) != root:
+        raise ValueError(f"folder {name!r} points outside the input folder; pick one from the list")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{name!r} is not a folder in the input folder ({root}); put the subject's images "
+                                f"in input/<name>/ and refresh")
+    return path
+
+
 # ----------------------------------------------------------------------------------------------- model folders
 
 def folder_roots(folder: str) -> list[str]:

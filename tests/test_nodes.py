@@ -29,6 +29,10 @@ PUBLIC_API = {
     "R0ApplyLoRA": ["pipeline", "lora_name", "strength"],
     "R0TestTimeRefine": ["pipeline", "reward_model", "prompt", "iterations", "lr", "seed", "steps", "guidance",
                          "batch_size", "width", "height"],
+    "RPOLoadReferences": ["source", "size"],
+    "RPOTrain": ["pipeline", "references", "encoder", "token", "class_name", "prompts", "steps", "lambda_val", "beta",
+                 "tau", "lr", "lora_rank", "validate_every", "seed", "save_name", "preference", "sampler_steps",
+                 "guidance"],
 }
 
 
