@@ -9,6 +9,7 @@ colour's place: "a vum circle on the left", "a vum circle left of a red square",
 """
 from __future__ import annotations
 
+import colorsys
 import dataclasses
 import os
 import random
@@ -22,6 +23,8 @@ from .world import COLOURS, IMAGE_SIZE, POSITIONS, RELATIONS, SHAPES, _centre_fo
 PATTERN_SHARE = 0.1    # oracle: each of the subject's two colours must cover this much of the object
 PATTERN_PURITY = 0.6   # ...and together this much (the rest is soft edges and blur)
 ATTRIBUTE_SHARE = 0.3  # an attribute prompt's colour must cover this much of the subject
+LOOSE_SATURATION = 0.15   # pixel colour naming inside objects (see _colour_names)
+LOOSE_HUE_ERROR = 45.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,6 +188,20 @@ class SubjectVerdict:
     valid: bool        # the right number of clean objects and nothing else
 
 
+def _colour_names(rgb: np.ndarray) -> np.ndarray:
+    """Each pixel's nearest named hue ("" when greyish or far from every hue). Looser than the oracle's naming of
+    whole objects: a model draws a small inner part of a pattern darker and duller than the reference, and a
+    person still calls a dull blue centre blue."""
+    top, low = rgb.max(1), rgb.min(1)
+    saturation = (top - low) / np.maximum(top, 1e-6)
+    hue = np.array([colorsys.rgb_to_hsv(*px)[0] * 360 for px in np.clip(rgb, 0, 1)])
+    named = np.array([colorsys.rgb_to_hsv(*c)[0] * 360 for c in COLOURS.values()])
+    error = np.abs(hue[:, None] - named[None])
+    error = np.minimum(error, 360 - error)
+    names = np.array(list(COLOURS))[error.argmin(1)]
+    return np.where((saturation >= LOOSE_SATURATION) & (top >= 0.15) & (error.min(1) <= LOOSE_HUE_ERROR), names, "")
+
+
 def _regions(image: np.ndarray):
     """Foreground regions (not split by colour: a subject is two-tone), each with its pixels' colour names."""
     border = np.concatenate([image[:2].reshape(-1, 3), image[-2:].reshape(-1, 3),
@@ -193,19 +210,34 @@ def _regions(image: np.ndarray):
     distance = np.linalg.norm(oracle._smooth(image) - background, axis=-1)
     regions = [p for p in oracle._components(distance > oracle.FOREGROUND_DISTANCE)
                if len(p) >= oracle.MIN_STRAY_AREA]
-    objects = [p for p in regions if len(p) >= oracle.MIN_OBJECT_AREA]
-    names = [np.array([list(COLOURS)[i] if i >= 0 else "" for i in oracle._hue_names(image[p[:, 0], p[:, 1]])])
-             for p in objects]
+    objects = [_fill_holes(p) for p in regions if len(p) >= oracle.MIN_OBJECT_AREA]
+    names = [_colour_names(image[p[:, 0], p[:, 1]]) for p in objects]
     raw = np.linalg.norm(image - background, axis=-1)
     return objects, names, len(regions) - len(objects), raw
 
 
+def _fill_holes(pixels: np.ndarray) -> np.ndarray:
+    """The region plus what it encloses: a dim centre (a ring drawn with a dull core) is part of the object."""
+    mask = np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=bool)
+    mask[pixels[:, 0], pixels[:, 1]] = True
+    for hole in oracle._components(~mask):
+        ys, xs = hole[:, 0], hole[:, 1]
+        if ys.min() > 0 and xs.min() > 0 and ys.max() < IMAGE_SIZE - 1 and xs.max() < IMAGE_SIZE - 1:
+            mask[ys, xs] = True
+    return np.argwhere(mask)
+
+
 def _shape_of(pixels: np.ndarray, raw_distance: np.ndarray) -> str:
     """The oracle's shape fit on a coverage map: each pixel's unsmoothed distance from the background relative
-    to the region's solid interior (a two-tone object has no single colour to project on, as the oracle does)."""
+    to the region's solid interior (a two-tone object has no single colour to project on, as the oracle does);
+    enclosed pixels count as covered."""
     coverage = np.zeros((IMAGE_SIZE, IMAGE_SIZE))
     d = raw_distance[pixels[:, 0], pixels[:, 1]]
     coverage[pixels[:, 0], pixels[:, 1]] = np.clip(d / max(np.percentile(d, 75), 1e-6), 0, 1)
+    inner = np.zeros_like(coverage, dtype=bool)
+    inner[pixels[:, 0], pixels[:, 1]] = True
+    inner &= np.roll(inner, 1, 0) & np.roll(inner, -1, 0) & np.roll(inner, 1, 1) & np.roll(inner, -1, 1)
+    coverage[inner] = 1.0   # interior pixels (away from the edge) are inside whatever their colour
     return oracle._name_shape(coverage)
 
 
