@@ -78,8 +78,10 @@ class RPOTrain:
             "steps": ("INT", {"default": 400, "min": 1, "max": 100000}),
             "lambda_val": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.05,
                                      "tooltip": "λ of the validation reward: 1 subject only, 0 prompt only"}),
-            "beta": ("FLOAT", {"default": 1000.0, "min": 0.0, "max": 1e6, "step": 10.0}),
-            "tau": ("FLOAT", {"default": 0.02, "min": 1e-4, "max": 10.0, "step": 0.005,
+            "beta": ("FLOAT", {"default": 2.0, "min": 0.0, "max": 1e6, "step": 0.5,
+                                "tooltip": "scale of the preference loss's Δ; too large and it swamps the "
+                                           "diffusion loss (watch L_sim in the curve)"}),
+            "tau": ("FLOAT", {"default": 0.1, "min": 1e-4, "max": 10.0, "step": 0.005,
                               "tooltip": "temperature of the preference labels σ((r_ref − r_gen)/τ)"}),
             "lr": ("FLOAT", {"default": 1e-4, "min": 1e-7, "max": 1.0, "step": 1e-5}),
             "lora_rank": ("INT", {"default": 8, "min": 0, "max": 256, "tooltip": "0 trains the full UNet"}),

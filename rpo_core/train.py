@@ -68,8 +68,8 @@ class RPOConfig:
     lora_rank: int = 8                    # 0 trains the full UNet
     lora_targets: str = "all"             # "attention" or "all" (see r0_core.lora)
     preference: bool = True               # False: DreamBooth (L_sim only)
-    beta: float = 1000.0                  # scale of Δ inside the logistic loss (Diffusion-DPO uses 10³ order)
-    tau: float = 0.02                     # label temperature on the reward gap
+    beta: float = 2.0                     # scale of Δ inside the logistic loss (see the README: Δ's size varies)
+    tau: float = 0.1                      # label temperature on the reward gap
     lambda_train: float = 0.0             # λ of the labels' λ-Harmonic reward (the paper: 0, text only)
     lambda_val: float = 0.5               # λ of the validation reward
     prior_weight: float = 0.0             # DreamBooth prior preservation on class images from the frozen model

@@ -154,3 +154,18 @@ def test_bad_settings_are_refused_with_the_fix(overrides, message):
 def test_bad_references_are_refused(tmp_path, encoder):
     with pytest.raises(ValueError, match="references"):
         train_rpo(load_pipeline(TINY), encoder, torch.rand(3, 32, 32), small_config(), str(tmp_path / "bad"))
+
+
+def test_command_line_trains_from_a_folder_of_references(tmp_path, capsys):
+    import json
+    from rpo_core.train import main
+
+    dataset = subjects.write_dreambench(str(tmp_path / "bench"))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(subjects.training_prompts(SUBJECT)[:2]) + "\n")
+    main(["--model", "tiny", "--references", f"{dataset}/{SUBJECT.name}", "--token", SUBJECT.token,
+          "--class-name", SUBJECT.shape, "--prompts-file", str(prompts), "--out", str(tmp_path / "cli"),
+          "--iterations", "2", "--validate-every", "1", "--negatives-per-prompt", "1", "--validation-images", "1",
+          "--lr", "1e-3", "--preference", "false"])
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["best_iteration"] in (1, 2) and (tmp_path / "cli" / "rpo_lora.safetensors").exists()
