@@ -70,6 +70,9 @@ def main(argv=None):
     parser.add_argument("--per-prompt", type=int, default=4, help="evaluation images per prompt")
     parser.add_argument("--subjects", nargs="*", default=[s.name for s in subjects.SUBJECTS])
     parser.add_argument("--out", default="out/benchmarks/rpo_mini_dreambench")
+    parser.add_argument("--methods", nargs="+", default=["dreambooth", "rpo"], choices=["dreambooth", "rpo"])
+    parser.add_argument("--tag", default="", help="store these runs as <method>_<tag> beside the others")
+    parser.add_argument("--lambda-train", type=float, default=RPOConfig.lambda_train)
     parser.add_argument("--tables", action="store_true", help="only print the tables of finished subjects")
     args = parser.parse_args(argv)
     if args.tables:
@@ -79,17 +82,20 @@ def main(argv=None):
     scorer = load_reward("clip", TINY)
     for subject in [s for s in subjects.SUBJECTS if s.name in args.subjects]:
         references = torch.from_numpy(subjects.references(subject)).permute(0, 3, 1, 2).float()
-        rows, pictures = {"settings": vars(args)}, []
+        path = os.path.join(args.out, f"{subject.name}.json")
+        rows, pictures = (json.load(open(path)) if os.path.exists(path) else {}), []
         pipe = load_pipeline(TINY)
         rows["base"], images = evaluate(pipe, subject, scorer, references, args.per_prompt)
         pictures.append(images)
         print(subject.name, "base", json.dumps(rows["base"]), flush=True)
 
-        for method in ("dreambooth", "rpo"):
+        for method in args.methods:
+            key = f"{method}_{args.tag}" if args.tag else method
             pipe = load_pipeline(TINY)
             config = RPOConfig(token=subject.token, class_name=subject.shape,
                                prompts=subjects.training_prompts(subject), iterations=args.iterations, lr=args.lr,
                                lora_rank=args.rank, beta=args.beta, tau=args.tau, preference=method == "rpo",
+                               lambda_train=args.lambda_train,
                                select_best=method == "rpo", validate_every=args.validate_every)
             checkpoints = []
             val_50 = LambdaHarmonic(scorer, config.lambda_val, references)
@@ -112,21 +118,22 @@ def main(argv=None):
                                     "val_50": timed[50][0], "seconds_50": timed[50][1], "eval": metrics})
 
             started = time.time()
-            result = train_rpo(pipe, scorer, references, config, os.path.join(args.out, subject.name, method),
+            result = train_rpo(pipe, scorer, references, config, os.path.join(args.out, subject.name, key),
                                callback=at_validation)
-            rows[method], images = evaluate(pipe, subject, scorer, references, args.per_prompt)
-            rows[method]["train_seconds"] = time.time() - started
-            rows[method]["best_iteration"] = result.best_iteration if config.select_best else args.iterations
+            rows[key], images = evaluate(pipe, subject, scorer, references, args.per_prompt)
+            rows[key]["train_seconds"] = time.time() - started
+            rows[key]["best_iteration"] = result.best_iteration if config.select_best else args.iterations
+            rows[key]["settings"] = {k: v for k, v in vars(args).items() if k not in ("subjects", "out", "tables")}
             pictures.append(images)
             if checkpoints:
-                rows["selection"] = checkpoints
-            print(subject.name, method, json.dumps(rows[method]), flush=True)
+                rows["selection" + (f"_{args.tag}" if args.tag else "")] = checkpoints
+            print(subject.name, key, json.dumps(rows[key]), flush=True)
             lora.use_loras(pipe, [])
         from PIL import Image
         # one image per evaluation prompt: base, DreamBooth, RPO rows
         Image.fromarray(grid(np.concatenate([p[::args.per_prompt] for p in pictures]), 25, 4)).save(
-            os.path.join(args.out, f"{subject.name}.png"))
-        with open(os.path.join(args.out, f"{subject.name}.json"), "w") as f:
+            os.path.join(args.out, f"{subject.name}{'_' + args.tag if args.tag else ''}.png"))
+        with open(path, "w") as f:
             json.dump(rows, f, indent=1)
     print_tables(args.out)
 
@@ -141,9 +148,10 @@ def print_tables(out: str) -> None:
     print("\n| method | tiny-CLIP-I | oracle subject | tiny-CLIP-T | oracle prompt | harmonic (CLIP) | "
           "harmonic (oracle) | both right | validity |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for method in ("base", "dreambooth", "rpo"):
+    methods = [k for k in report[names[0]] if not k.startswith(("selection", "settings"))] if names else []
+    for method in methods:
         rows = [report[n][method] for n in names if method in report.get(n, {})]
-        if rows:
+        if len(rows) == len(names):
             print(f"| {method} | " + " | ".join(f"{np.mean([r[k] for r in rows]):.3f}" for k in keys) + " |")
     # selection cost and quality: which checkpoint each validation would keep, and how it scores
     ratios, picks = [], []
