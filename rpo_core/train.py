@@ -82,6 +82,7 @@ class RPOConfig:
     seed: int = 0
     checkpoint_every: int = 50
     mixed_precision: str = "auto"         # "no", "fp16", "bf16"; auto: bf16 on CUDA, else no
+    gradient_checkpointing: bool = True   # recompute UNet activations in backward: SD-size UNets fit on less memory
 
     def __post_init__(self):
         for name in ("token", "class_name"):
@@ -109,7 +110,8 @@ class RPOConfig:
                              "sampler_steps must be at least 1")
 
     def fingerprint(self) -> str:
-        keep = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("iterations", "checkpoint_every")}
+        keep = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("iterations", "checkpoint_every",
+                                                                                  "gradient_checkpointing")}
         return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def strip(self, prompt: str) -> str:
@@ -264,6 +266,8 @@ def train_rpo(pipe, encoder: RewardModel, references: torch.Tensor, config: RPOC
         trainable = Trainable(pipe.unet, config, adapter)
         if not trainable.full:
             lora.use_loras(pipe, others + [(adapter, 1.0)])
+        if config.gradient_checkpointing:
+            pipe.unet.enable_gradient_checkpointing()
         optimizer = torch.optim.AdamW(trainable.params, lr=config.lr, weight_decay=1e-2)
         unet, optimizer = accelerator.prepare(pipe.unet, optimizer)
         scheduler = pipe.scheduler  # add_noise and the prediction type: the training-time schedule
@@ -344,6 +348,8 @@ def train_rpo(pipe, encoder: RewardModel, references: torch.Tensor, config: RPOC
 
         unet.eval()
         accelerator.unwrap_model(unet)
+        if config.gradient_checkpointing:
+            pipe.unet.disable_gradient_checkpointing()
         if config.select_best and best["iteration"] > 0:
             trainable.load_state_dict(best["weights"])   # keep the best validated weights, as RPO's selection does
         steps = [h["iteration"] for h in history]
