@@ -6,6 +6,7 @@ import os
 
 import torch
 
+from r0_core import lora
 from r0_core.tiny import subjects
 from rpo_core.references import image_batch, load_references
 from rpo_core.train import RPOConfig, train_rpo
@@ -109,7 +110,6 @@ class RPOTrain:
                            validate_every=validate_every, seed=seed, preference=preference,
                            sampler_steps=sampler_steps, guidance=guidance)
         refs = image_batch(references, size)
-        from r0_core import lora
         lora.use_loras(pipe, pipeline.get("loras", []))
         lora_path = os.path.join(bridge.folder_roots(LORAS)[0], f"{name}.safetensors")
         out_dir = os.path.join(bridge.output_dir(), "rpo_train", name)

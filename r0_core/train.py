@@ -188,6 +188,30 @@ def save_curve(path: str, top: dict[str, tuple[list, list]], bottom: dict[str, t
     return path
 
 
+def make_accelerator(mixed_precision: str, device: torch.device):
+    """An accelerate Accelerator for a trainer on `device`; "auto" precision is bf16 on CUDA, else none."""
+    from accelerate import Accelerator
+
+    if mixed_precision == "auto":
+        mixed_precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
+    return Accelerator(mixed_precision=mixed_precision, cpu=device.type == "cpu")
+
+
+def save_trained(pipe, trainable: Trainable, accelerator, out_dir: str, lora_path: str, adapter: str,
+                 cancelled: bool, metadata: dict) -> Optional[str]:
+    """Save what a trainer trained: the LoRA (as <name>_partial when cancelled), or the full UNet in
+    out_dir/unet. Returns the LoRA's path (None for a full UNet or off the main process)."""
+    if not accelerator.is_main_process:
+        return None
+    if trainable.full:
+        pipe.unet.save_pretrained(os.path.join(out_dir, "unet"))
+        return None
+    if cancelled:
+        stem, ext = os.path.splitext(lora_path)
+        lora_path = f"{stem}_partial{ext}"
+    return lora.save_lora(pipe.unet, lora_path, adapter, metadata=metadata)
+
+
 def load_state(state_path: str, fingerprint: str) -> Optional[dict]:
     """A run's saved state if there is one; an error if it was made with other settings."""
     if not os.path.exists(state_path):
@@ -205,14 +229,7 @@ def train_r0(pipe, reward: RewardModel, config: R0Config, out_dir: str, lora_pat
     The LoRA is trained as adapter `adapter` of pipe.unet (left active) and saved to lora_path.
     callback({"i", "total", "loss", "rewards"}) after each iteration; raising Cancelled there stops the run,
     saves its state (so calling again resumes it) and a partial LoRA beside lora_path."""
-    from accelerate import Accelerator
-
-    device = pipe.unet.device
-    if accelerator is None:
-        precision = config.mixed_precision
-        if precision == "auto":
-            precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
-        accelerator = Accelerator(mixed_precision=precision, cpu=device.type == "cpu")
+    accelerator = accelerator or make_accelerator(config.mixed_precision, pipe.unet.device)
     os.makedirs(out_dir, exist_ok=True)
     lora_path = lora_path or os.path.join(out_dir, "r0_lora.safetensors")
     normalize = config.normalize_gradients
@@ -284,17 +301,10 @@ def train_r0(pipe, reward: RewardModel, config: R0Config, out_dir: str, lora_pat
         curve = save_curve(os.path.join(out_dir, "curve.png"), rewards,
                            {"loss": (steps, [h["loss"] for h in history]),
                             "reg_weight·‖θ−θ0‖²": (steps, [h["reg"] for h in history])})
-        result_path = None
-        if accelerator.is_main_process and not trainable.full:
-            if cancelled:
-                stem, ext = os.path.splitext(lora_path)
-                lora_path = f"{stem}_partial{ext}"
-            metadata = {"r0_config": json.dumps({k: v for k, v in dataclasses.asdict(config).items()
-                                                 if k != "prompts"}, default=str),
-                        "r0_iterations": str(len(history))}
-            result_path = lora.save_lora(pipe.unet, lora_path, adapter, metadata=metadata)
-        elif accelerator.is_main_process:
-            pipe.unet.save_pretrained(os.path.join(out_dir, "unet"))
+        metadata = {"r0_config": json.dumps({k: v for k, v in dataclasses.asdict(config).items()
+                                             if k != "prompts"}, default=str),
+                    "r0_iterations": str(len(history))}
+        result_path = save_trained(pipe, trainable, accelerator, out_dir, lora_path, adapter, cancelled, metadata)
     return TrainResult(result_path, curve, history, cancelled)
 
 

@@ -43,7 +43,7 @@ from r0_core.files import atomic_save
 from r0_core.generate import generate
 from r0_core.rewards import LambdaHarmonic, RewardModel
 from r0_core.sampler import Cancelled
-from r0_core.train import Trainable, load_state, save_curve
+from r0_core.train import Trainable, load_state, make_accelerator, save_curve, save_trained
 
 from .dreambench import strip_token
 
@@ -174,7 +174,8 @@ def preference_loss(delta: torch.Tensor, labels: torch.Tensor, beta: float) -> t
     return -(labels * F.logsigmoid(beta * delta) + (1 - labels) * F.logsigmoid(-beta * delta)).mean()
 
 
-def sample(pipe, prompts: list[str], config: RPOConfig, seed: int, per_prompt: int) -> tuple[torch.Tensor, list]:
+def sample(pipe, prompts: list[str], config: RPOConfig, seed: int,
+           per_prompt: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """per_prompt images for each prompt from the K-step sampler: (images [N,3,H,W] 0..1, scaled latents, prompts)."""
     prompts = [p for p in prompts for _ in range(per_prompt)]
     with torch.no_grad():
@@ -218,17 +219,11 @@ def train_rpo(pipe, encoder: RewardModel, references: torch.Tensor, config: RPOC
     Checkpoints to out_dir and resumes from it; the best validated weights end up in pipe.unet (adapter
     `adapter`, left active) and in lora_path. callback({"i", "total", "loss", ...}) after each iteration;
     raising Cancelled there saves the state and the best LoRA so far (as *_partial)."""
-    from accelerate import Accelerator
-
     if references.ndim != 4 or references.shape[1] != 3 or len(references) < 1:
         raise ValueError(f"references have shape {tuple(references.shape)}; expected [N, 3, H, W] in 0..1 with "
                          f"N >= 1 (rpo_core.references.load_references makes that from image files)")
     device = pipe.unet.device
-    if accelerator is None:
-        precision = config.mixed_precision
-        if precision == "auto":
-            precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
-        accelerator = Accelerator(mixed_precision=precision, cpu=device.type == "cpu")
+    accelerator = accelerator or make_accelerator(config.mixed_precision, device)
     os.makedirs(out_dir, exist_ok=True)
     lora_path = lora_path or os.path.join(out_dir, "rpo_lora.safetensors")
     if any(p.is_inference() for p in pipe.unet.parameters()):
@@ -239,8 +234,9 @@ def train_rpo(pipe, encoder: RewardModel, references: torch.Tensor, config: RPOC
         pipe.vae.requires_grad_(False)
         pipe.text_encoder.requires_grad_(False)
         references = references.float().to(device)
-        label_reward = LambdaHarmonic(encoder, config.lambda_train, references.to(scorer_device(encoder)))
-        val_reward = LambdaHarmonic(encoder, config.lambda_val, references.to(scorer_device(encoder)))
+        on = scorer_device(encoder)
+        label_reward = LambdaHarmonic(encoder, config.lambda_train, references.to(on))
+        val_reward = LambdaHarmonic(encoder, config.lambda_val, references.to(on))
 
         # 1-2: negatives, class images and rewards, from the frozen model, before any weight moves
         others = lora.active_loras(pipe)
@@ -248,10 +244,11 @@ def train_rpo(pipe, encoder: RewardModel, references: torch.Tensor, config: RPOC
                                                       config.negatives_per_prompt)
         with torch.no_grad():
             ref_latents = vae_latents(pipe, references)
-            on = scorer_device(encoder)
             r_gen = label_reward(neg_images.to(on), neg_prompts).cpu()
-            r_ref = torch.stack([label_reward(references.to(on), [p] * len(references)).cpu()
-                                 for p in config.prompts], 1)                    # [N_ref, N_prompts]
+            # every reference against every prompt, in one call: [N_ref, N_prompts]
+            n = len(references)
+            r_ref = label_reward(references.to(on).repeat(len(config.prompts), 1, 1, 1),
+                                 [p for p in config.prompts for _ in range(n)]).cpu().view(-1, n).T
             prior_latents = None
             if config.prior_weight > 0:
                 _, prior_latents, _ = sample(pipe, [f"a {config.class_name}"], config, config.seed * 100_003 + 7919,
@@ -300,17 +297,16 @@ def train_rpo(pipe, encoder: RewardModel, references: torch.Tensor, config: RPOC
             i_neg = torch.randint(len(neg_images), (b,), generator=gen)
             labels = preference_labels(r_ref[i_ref, prompt_index[i_neg]], r_gen[i_neg], config.tau, gen)
             cond = torch.cat([ref_cond.expand(b, -1, -1), prompt_cond[prompt_index[i_neg]]])
-            noise, t = pair_noise(ref_latents[i_ref], scheduler, gen)
+            refs, gens = ref_latents[i_ref], neg_latents[i_neg].to(ref_latents)
+            noise, t = pair_noise(refs, scheduler, gen)
             unet.train()
             with accelerator.autocast():
-                loss_theta = pair_losses(unet, scheduler, ref_latents[i_ref], neg_latents[i_neg].to(ref_latents),
-                                         cond, noise, t)
+                loss_theta = pair_losses(unet, scheduler, refs, gens, cond, noise, t)
                 l_sim = loss_theta[:b].mean()
                 l_pref = torch.zeros(())
                 if config.preference:
                     with torch.no_grad(), frozen_model(pipe, others, adapter, frozen_unet) as ref_unet:
-                        loss_ref = pair_losses(ref_unet, scheduler, ref_latents[i_ref],
-                                               neg_latents[i_neg].to(ref_latents), cond, noise, t)
+                        loss_ref = pair_losses(ref_unet, scheduler, refs, gens, cond, noise, t)
                     delta = (loss_ref[:b] - loss_theta[:b]) - (loss_ref[b:] - loss_theta[b:])
                     l_pref = preference_loss(delta, labels.to(delta), config.beta)
                 l_prior = torch.zeros(())
@@ -358,16 +354,9 @@ def train_rpo(pipe, encoder: RewardModel, references: torch.Tensor, config: RPOC
                                                                       [v["score"] for v in validations])},
                            {"L_sim": (steps, [h["l_sim"] for h in history]),
                             "L_pref": (steps, [h["l_pref"] for h in history])}, top_label="validation reward")
-        result_path = None
-        if accelerator.is_main_process and not trainable.full:
-            if cancelled:
-                stem, ext = os.path.splitext(lora_path)
-                lora_path = f"{stem}_partial{ext}"
-            metadata = {"rpo_config": json.dumps(dataclasses.asdict(config), default=str),
-                        "rpo_iteration": str(best["iteration"] if config.select_best else len(history))}
-            result_path = lora.save_lora(pipe.unet, lora_path, adapter, metadata=metadata)
-        elif accelerator.is_main_process:
-            pipe.unet.save_pretrained(os.path.join(out_dir, "unet"))
+        metadata = {"rpo_config": json.dumps(dataclasses.asdict(config), default=str),
+                    "rpo_iteration": str(best["iteration"] if config.select_best else len(history))}
+        result_path = save_trained(pipe, trainable, accelerator, out_dir, lora_path, adapter, cancelled, metadata)
     return RPOResult(result_path, curve, best["iteration"], best["score"], history, validations, cancelled)
 
 
@@ -377,8 +366,7 @@ def main(argv=None):
     from accelerate import Accelerator
 
     from r0_core.loading import load_pipeline
-    from r0_core.rewards import load_reward
-    from r0_core.train import read_prompts
+    from r0_core.train import parse_reward, read_prompts
 
     from .references import load_references
 
@@ -407,9 +395,8 @@ def main(argv=None):
     precision = config.mixed_precision
     accelerator = Accelerator(mixed_precision=None if precision == "auto" else precision)
     pipe = load_pipeline(args.model, device=accelerator.device)
-    family, _, rest = args.encoder.partition(":")
-    path, _, support = rest.partition(":")
-    encoder = load_reward(family, path, support or None, device=accelerator.device)
+    encoder, _ = parse_reward(args.encoder)
+    encoder.to(accelerator.device)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     references = load_references(args.references, size)
     result = train_rpo(pipe, encoder, references, config, args.out, accelerator=accelerator)

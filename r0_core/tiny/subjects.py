@@ -110,9 +110,9 @@ def render(subject: Subject, prompt: str, seed: int) -> np.ndarray:
     else:
         r = rng.uniform(5.5, 7.5)   # a touch larger than plain objects, so the pattern reads at 32 px
         cx, cy = _centre_for_position(rng, ask.position, r)
-    colours = subject.colours if ask.colour is None else (ask.colour, subject.colours[1])
-    if ask.colour is not None and ask.colour == colours[1]:
-        colours = (ask.colour, subject.colours[0])
+    colours = subject.colours
+    if ask.colour is not None:   # recoloured: the named colour replaces the first, keeping the pattern two-tone
+        colours = (ask.colour, colours[1] if ask.colour != colours[1] else colours[0])
     for cover, colour in zip(subject_coverage(subject, cx, cy, r), colours):
         image = _paint(image, cover, colour, rng)
     return image.astype(np.float32)
