@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from r0_core.files import atomic_write
+from r0_core.tiny.evaluate import grid
 
 from .references import fit, image_files, load_image
 
@@ -297,13 +298,13 @@ def evaluate(bench: DreamBench, generate: Generate, dino, clip, *, token: str = 
             if callback is not None:
                 callback({"i": done, "total": total, "subject": name, "prompt": prompt})
             done += 1
-        results[subject.name], grid = evaluate_subject(
+        results[subject.name], thumbnails = evaluate_subject(
             bench, subject, generate, dino, clip, token=token, images_per_prompt=images_per_prompt, seed=seed,
             batch_size=batch_size, keep_images=out_dir is not None and save_grids, on_prompt=on_prompt)
         logger.info("%s: DINO %.3f, CLIP-I %.3f, CLIP-T %.3f", subject.name, *(results[subject.name][k] for k in
                                                                           ("dino", "clip_i", "clip_t")))
         if out_dir is not None:
-            write_subject(out_dir, subject.name, results[subject.name], grid, images_per_prompt)
+            write_subject(out_dir, subject.name, results[subject.name], thumbnails, images_per_prompt)
     summary = {"subjects": results, "mean": _mean(results),
                "object_mean": _mean({k: r for k, r in results.items() if not r["live"]}),
                "live_mean": _mean({k: r for k, r in results.items() if r["live"]}),
@@ -327,21 +328,15 @@ def _write_json(path: str, obj) -> None:
     _write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
-def image_grid(images: torch.Tensor, columns: int, gap: int = 2) -> Image.Image:
-    """Images [N, 3, H, W] in 0..1 as one RGB picture, `columns` a row, `gap` white pixels apart."""
-    n, _, h, w = images.shape
-    rows = -(-n // columns)
-    canvas = torch.ones(3, rows * (h + gap) + gap, columns * (w + gap) + gap)
-    for i, image in enumerate(images):
-        top, left = gap + (i // columns) * (h + gap), gap + (i % columns) * (w + gap)
-        canvas[:, top:top + h, left:left + w] = image
-    return Image.fromarray((canvas * 255).round().byte().permute(1, 2, 0).numpy())
+def image_grid(images: torch.Tensor, columns: int) -> Image.Image:
+    """Images [N, 3, H, W] in 0..1 as one RGB picture, `columns` a row, 2 white pixels apart."""
+    return Image.fromarray(grid(images.permute(0, 2, 3, 1).numpy(), columns, scale=1))
 
 
-def write_subject(out_dir, name: str, result: dict, grid: Optional[torch.Tensor], columns: int) -> None:
+def write_subject(out_dir, name: str, result: dict, thumbnails: Optional[torch.Tensor], columns: int) -> None:
     _write_json(os.path.join(out_dir, f"{name}.json"), result)
-    if grid is not None:
-        picture = image_grid(grid, columns)
+    if thumbnails is not None:
+        picture = image_grid(thumbnails, columns)
         atomic_write(os.path.join(out_dir, f"{name}.png"), lambda tmp: picture.save(tmp, format="PNG"))
 
 
