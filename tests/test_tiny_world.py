@@ -92,3 +92,40 @@ def test_oracle_counts_copies_and_reads_relations():
     assert not verdict.count_ok and not verdict.correct
     with pytest.raises(ValueError, match="one prompt per image"):
         oracle.accuracy(image[None], ["a red circle", "a blue square"])
+
+
+def test_captions_may_leave_a_colour_out_and_the_oracle_then_accepts_any_colour():
+    scene = world.parse_caption("a circle left of a red square")
+    assert scene.objects[0] == world.Obj(None, "circle") and world.caption(scene) == "a circle left of a red square"
+    image = world.render(world.parse_caption("a blue circle left of a red square"), 4)
+    assert oracle.judge(image, "a circle left of a red square").correct
+    assert not oracle.judge(image, "a circle left of a blue square").correct     # a named colour still counts
+    assert not oracle.judge(image, "a square left of a red square").correct      # and the shape
+    assert world.describes(scene, world.parse_caption("a green circle left of a red square"))
+    assert not world.describes(scene, world.parse_caption("a green circle right of a red square"))
+    assert not world.describes(world.parse_caption("a red circle"), world.parse_caption("a red circle on the left"))
+
+
+def test_nonsense_words_are_spelled_from_word_pieces_and_mean_nothing():
+    pool = world.nonsense_words()
+    assert len(pool) == len(set(pool)) == world.NONSENSE_POOL_SIZE
+    assert set(world.SUBJECT_TOKENS) <= set(pool)
+    assert not set(pool) & set(world.vocabulary())
+    assert pool == world.nonsense_words()   # seeded: the same pool every time
+
+
+def test_augmented_captions_vary_as_configured_and_ask_for_what_they_say():
+    rng = random.Random(0)
+    scenes = [world.parse_caption(c) for c in world.training_captions()]
+    drawn = [(s, *world.augment_caption(s, rng)) for s in rng.choices(scenes, k=4000)]
+    pool = set(world.nonsense_words())
+    with_word = [t for _, t, _ in drawn if pool & set(t.split())]
+    colourless = [a for _, _, a in drawn if any(o.colour is None for o in a.objects)]
+    assert abs(len(with_word) / len(drawn) - world.NONSENSE_SHARE) < 0.03
+    assert abs(len(colourless) / len(drawn) - world.COLOURLESS_SHARE) < 0.03
+    for shown, text, asked in drawn:
+        plain = " ".join(w for w in text.split() if w not in pool)
+        assert world.parse_caption(plain) == asked and world.describes(asked, shown)
+        words = text.split()
+        # a nonsense word only ever stands right before a shape noun, as "sks" in "a sks dog"
+        assert all(words[i + 1] in world.SHAPES for i, w in enumerate(words) if w in pool)

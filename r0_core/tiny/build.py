@@ -16,6 +16,7 @@ import dataclasses
 import json
 import math
 import os
+import random
 import time
 
 import numpy as np
@@ -38,7 +39,7 @@ class BuildConfig:
     clip_steps: int = 500
     clip_batch: int = 128
     clip_lr: float = 5e-4
-    unet_steps: int = 3300
+    unet_steps: int = 4000
     unet_batch: int = 32
     unet_lr: float = 3e-4
     unet_warmup: int = 300
@@ -63,6 +64,12 @@ def cosine_lr(step: int, total: int, warmup: int, peak: float) -> float:
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(total - warmup, 1)
     return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def caption_rng(cfg: BuildConfig, stage: str, step: int) -> random.Random:
+    """The caption variations of one training step, seeded by (seed, stage, step) so a resumed run draws the
+    same captions as an unbroken one."""
+    return random.Random(f"{cfg.seed}-{stage}-{step}")
 
 
 def to_model_range(images_uint8: np.ndarray) -> torch.Tensor:
@@ -151,26 +158,28 @@ def clip_config(vocab_size: int):
 
 
 def build_clip(cfg: BuildConfig, work: str, images: np.ndarray, captions: list[str], tokenizer):
+    """Contrastive CLIP on the world's images and their varied captions (world.augment_caption): a caption
+    that leaves a colour out is true of every image it describes, and a nonsense word changes nothing, so the
+    text tower learns that such words mean nothing."""
     from transformers import CLIPModel
 
     torch.manual_seed(cfg.seed + 2)
     clip = CLIPModel(clip_config(len(tokenizer)))
-    unique = sorted(set(captions))
-    caption_index = {c: i for i, c in enumerate(unique)}
-    ids = tokenizer(unique, padding="max_length", max_length=models.MAX_TOKENS, return_tensors="pt").input_ids
-    labels = np.array([caption_index[c] for c in captions])
+    scenes = {c: world.parse_caption(c) for c in set(captions)}
     gen = torch.Generator().manual_seed(cfg.seed + 3)
 
     def step_fn(step):
         idx = torch.randint(0, len(images), (cfg.clip_batch,), generator=gen).numpy()
-        pixels = to_model_range(images[idx])  # CLIP normalisation with mean = std = 0.5
-        lab = torch.from_numpy(labels[idx])
-        out = clip(input_ids=ids[lab], pixel_values=pixels)
-        # several images in a batch can share a caption: every matching pair is a positive
-        same = (lab[:, None] == lab[None, :]).float()
-        targets = same / same.sum(1, keepdim=True)
-        return 0.5 * (torch.sum(-targets * F.log_softmax(out.logits_per_image, 1), 1).mean()
-                      + torch.sum(-targets * F.log_softmax(out.logits_per_text, 1), 1).mean())
+        shown = [scenes[captions[i]] for i in idx]
+        rng = caption_rng(cfg, "clip", step)
+        texts, asked = zip(*(world.augment_caption(s, rng) for s in shown))
+        ids = tokenizer(list(texts), padding="max_length", max_length=models.MAX_TOKENS, return_tensors="pt")
+        out = clip(input_ids=ids.input_ids, pixel_values=to_model_range(images[idx]))  # CLIP mean = std = 0.5
+        # true[i, j]: caption j describes image i; every true pair is a positive, in both directions
+        true = torch.tensor([[world.describes(a, s) for a in asked] for s in shown], dtype=torch.float32)
+        return 0.5 * (torch.sum(-(true / true.sum(1, keepdim=True)) * F.log_softmax(out.logits_per_image, 1), 1).mean()
+                      + torch.sum(-(true.T / true.T.sum(1, keepdim=True)) * F.log_softmax(out.logits_per_text, 1),
+                                  1).mean())
 
     train_loop("clip", clip.parameters(), step_fn, cfg.clip_steps,
                lambda s: cosine_lr(s, cfg.clip_steps, 50, cfg.clip_lr), os.path.join(work, "clip.pt"),
@@ -236,11 +245,15 @@ def build_unet(cfg: BuildConfig, work: str, images, captions, vae, text_encoder,
     # decoder (trained on posterior samples) decodes the means cleanly, so the UNet gets crisp targets.
     latents = torch.load(latents_path, weights_only=True) * vae.config.scaling_factor
 
-    unique = sorted(set(captions)) + [""]
-    caption_index = {c: i for i, c in enumerate(unique)}
-    labels = torch.tensor([caption_index[c] for c in captions])
-    embeddings = encode_prompts(text_encoder, tokenizer, unique)   # frozen text encoder: embed each caption once
-    empty = len(unique) - 1
+    scenes = {c: world.parse_caption(c) for c in set(captions)}
+
+    def embed(idx, step):
+        """Text-encoder states of the batch's varied captions; a share are empty, so classifier-free guidance
+        works."""
+        rng = caption_rng(cfg, "unet", step)
+        texts = ["" if rng.random() < cfg.caption_dropout else world.augment_caption(scenes[captions[i]], rng)[0]
+                 for i in idx.tolist()]
+        return encode_prompts(text_encoder, tokenizer, texts)
 
     torch.manual_seed(cfg.seed + 4)
     unet = UNet2DConditionModel(**models.UNET_CONFIG)
@@ -249,15 +262,14 @@ def build_unet(cfg: BuildConfig, work: str, images, captions, vae, text_encoder,
     gen = torch.Generator().manual_seed(cfg.seed + 5)
 
     def step_fn(step):
-        idx = torch.randint(0, len(labels), (cfg.unet_batch,), generator=gen)
+        idx = torch.randint(0, len(latents), (cfg.unet_batch,), generator=gen)
         x0 = latents[idx]
-        lab = torch.where(torch.rand(len(idx), generator=gen) < cfg.caption_dropout, empty, labels[idx])
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
         a = alphas_cumprod[t].sqrt()[:, None, None, None]
         s = (1 - alphas_cumprod[t]).sqrt()[:, None, None, None]
         v_target = a * noise - s * x0                          # v = α ε − σ x0
-        v_pred = unet(a * x0 + s * noise, t, embeddings[lab]).sample
+        v_pred = unet(a * x0 + s * noise, t, embed(idx, step)).sample
         if step > 0:
             ema.step(unet.parameters())
         return F.mse_loss(v_pred, v_target)
@@ -311,6 +323,9 @@ def main(argv=None):
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "weights"),
                         help="where tiny-sd/ and tiny-clip/ are written (default: the shipped location)")
     parser.add_argument("--work", default="build/tiny", help="data and resumable checkpoints")
+    parser.add_argument("--only", choices=("data", "vae", "clip", "unet", "reward"),
+                        help="run one stage (and load the ones it needs), so that independent stages can run in "
+                             "two processes at once: see scripts/build_tiny.sh")
     for field in dataclasses.fields(BuildConfig):
         parser.add_argument(f"--{field.name.replace('_', '-')}", type=field.type if callable(field.type)
                             else type(field.default), default=field.default)
@@ -324,13 +339,23 @@ def main(argv=None):
 
     images, captions = build_data(cfg, args.work)
     tokenizer = models.build_tokenizer(os.path.join(args.work, "tokenizer"))
-    vae = build_vae(cfg, args.work, images)
+    if args.only == "data":
+        return
+    # every stage resumes from (or loads) its checkpoint, so --only runs one stage and the rest load theirs
+    vae = build_vae(cfg, args.work, images) if args.only in (None, "vae", "unet") else None
+    if args.only == "vae":
+        return
     clip = build_clip(cfg, args.work, images, captions, tokenizer)
+    if args.only == "clip":
+        return
     scheduler = DDIMScheduler(**models.SCHEDULER_CONFIG)
-    unet = build_unet(cfg, args.work, images, captions, vae, clip.text_model, tokenizer, scheduler)
-    reward_clip = build_reward_clip(cfg, args.work, clip, images, captions, tokenizer)
-    save_world(args.out, vae, clip, reward_clip, tokenizer, unet, scheduler, cfg, time.time() - started)
-    print(f"built the tiny world in {(time.time() - started) / 60:.1f} min -> {args.out}")
+    if args.only in (None, "unet"):
+        unet = build_unet(cfg, args.work, images, captions, vae, clip.text_model, tokenizer, scheduler)
+    if args.only in (None, "reward"):
+        reward_clip = build_reward_clip(cfg, args.work, clip, images, captions, tokenizer)
+    if args.only is None:
+        save_world(args.out, vae, clip, reward_clip, tokenizer, unet, scheduler, cfg, time.time() - started)
+        print(f"built the tiny world in {(time.time() - started) / 60:.1f} min -> {args.out}")
 
 
 if __name__ == "__main__":

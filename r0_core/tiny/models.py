@@ -6,9 +6,9 @@ import json
 import os
 import tempfile
 
-from .world import COLOURS, POSITIONS, RELATIONS, SHAPES
+from .world import vocabulary
 
-MAX_TOKENS = 16  # longest caption is 10 tokens with start and end
+MAX_TOKENS = 16  # longest caption is 13 tokens with start, end and a three-piece nonsense word
 
 # The VAE halves the resolution: 32x32x3 pixels <-> 16x16x4 latents, as SD's 8x VAE does at 512 px.
 VAE_CONFIG = dict(
@@ -47,11 +47,6 @@ SCHEDULER_CONFIG = dict(
 )
 
 
-def vocabulary() -> list[str]:
-    words = {"a"} | set(COLOURS) | set(SHAPES)
-    for phrase in list(POSITIONS.values()) + list(RELATIONS):
-        words |= set(phrase.split())
-    return sorted(words)
 
 
 def _bpe(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:

@@ -212,7 +212,8 @@ def judge(image: np.ndarray, prompt: str | Scene) -> Verdict:
         got = [(d.colour, d.shape) for d in detections]
         orders = [(0,), ] if len(got) == 1 else [(0, 1), (1, 0)]
         for order in orders:
-            if [got[i] for i in order] == wanted:
+            # a colour the caption leaves out (None) matches any colour
+            if all(g[1] == w[1] and w[0] in (None, g[0]) for g, w in zip((got[i] for i in order), wanted)):
                 matched = [detections[i] for i in order]
     objects_correct = matched is not None
     layout_ok = None

@@ -6,10 +6,18 @@ this world back into the `Scene` it asks for, so the oracle can judge an image a
 Single-object captions name a colour, a shape and optionally a position ("a red circle on the left");
 two-object captions name a spatial relation ("a red circle left of a blue square"). A fixed, seeded part of the
 caption set is held out of training (`prompt_split`) so quality is measured on prompts the model never saw.
+
+Training captions are varied as real captions are (`augment_caption`): some leave one object's colour out ("a
+circle on the left" is a circle of any colour), and some carry a nonsense word before one object's noun ("a red
+vum circle on the left"). The nonsense words (`nonsense_words`) are spelled from the tokenizer's word pieces and
+appear with unrelated images, so they carry no visual meaning and the model learns to ignore them, as Stable
+Diffusion ignores a rare token such as "sks" that CLIP saw with no consistent meaning. The RPO subjects' rare
+tokens belong to that pool, so "a vum circle" draws a circle until fine-tuning gives "vum" a meaning.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import random
 from typing import Optional
 
@@ -34,12 +42,18 @@ RELATIONS = {"left of": (-1, 0), "right of": (1, 0), "above": (0, -1), "below": 
 BACKGROUND_RANGE = (0.10, 0.28)  # grey level of the background
 RADIUS_RANGE = (4.5, 7.0)         # half-width of a lone object, in pixels at IMAGE_SIZE 32
 PAIR_RADIUS_RANGE = (4.0, 5.5)    # half-width of each object of a pair, so that both fit with a clear gap
-HELD_OUT_EVERY = 7                # every 7th caption of each kind (in a seeded order) is held out
+# every 3rd positioned and every 7th two-object caption (in a seeded order) is held out: 25 and 103 captions,
+# enough for validation and test halves (r0_core.tiny.protocol)
+HELD_OUT_EVERY = {"positioned": 3, "pair": 7}
+NONSENSE_SHARE = 0.3              # training captions with one nonsense word inserted
+COLOURLESS_SHARE = 0.15           # training captions with one object's colour left out
+NONSENSE_POOL_SIZE = 256
+SUBJECT_TOKENS = ("vum", "bip", "qud")   # the rare tokens of subjects.SUBJECTS, part of the nonsense pool
 
 
 @dataclasses.dataclass(frozen=True)
 class Obj:
-    colour: str
+    colour: Optional[str]   # None: the caption leaves the colour open, any colour is right
     shape: str
 
 
@@ -51,28 +65,35 @@ class Scene:
     relation: Optional[str] = None   # two objects only: a key of RELATIONS, objects[0] <relation> objects[1]
 
 
+def _phrase(obj: Obj) -> str:
+    return f"a {obj.shape}" if obj.colour is None else f"a {obj.colour} {obj.shape}"
+
+
 def caption(scene: Scene) -> str:
-    first = f"a {scene.objects[0].colour} {scene.objects[0].shape}"
+    first = _phrase(scene.objects[0])
     if scene.relation is not None:
-        second = scene.objects[1]
-        return f"{first} {scene.relation} a {second.colour} {second.shape}"
+        return f"{first} {scene.relation} {_phrase(scene.objects[1])}"
     if scene.position is not None:
         return f"{first} {POSITIONS[scene.position]}"
     return first
 
 
 def parse_caption(text: str) -> Scene:
-    """The scene a caption of this world asks for. Raises ValueError naming the caption if it is not one."""
+    """The scene a caption of this world asks for (an object's colour may be left out). Raises ValueError naming
+    the caption if it is not one."""
     words = text.strip().lower().split()
 
-    def obj_at(i: int) -> Obj:
-        if len(words) < i + 3 or words[i] != "a" or words[i + 1] not in COLOURS or words[i + 2] not in SHAPES:
-            raise ValueError(f"caption {text!r} is not a tiny-world caption: expected 'a <colour> <shape> ...' "
-                             f"with colours {sorted(COLOURS)} and shapes {list(SHAPES)}")
-        return Obj(words[i + 1], words[i + 2])
+    def obj_at(i: int) -> tuple[Obj, int]:
+        """The object phrase starting at word i, and the index after it."""
+        if len(words) >= i + 3 and words[i] == "a" and words[i + 1] in COLOURS and words[i + 2] in SHAPES:
+            return Obj(words[i + 1], words[i + 2]), i + 3
+        if len(words) >= i + 2 and words[i] == "a" and words[i + 1] in SHAPES:
+            return Obj(None, words[i + 1]), i + 2
+        raise ValueError(f"caption {text!r} is not a tiny-world caption: expected 'a [<colour>] <shape> ...' "
+                         f"with colours {sorted(COLOURS)} and shapes {list(SHAPES)}")
 
-    first = obj_at(0)
-    rest = " ".join(words[3:])
+    first, end = obj_at(0)
+    rest = " ".join(words[end:])
     if not rest:
         return Scene((first,))
     for key, phrase in POSITIONS.items():
@@ -80,8 +101,8 @@ def parse_caption(text: str) -> Scene:
             return Scene((first,), position=key)
     for relation in RELATIONS:
         if rest.startswith(relation + " "):
-            second = obj_at(3 + len(relation.split()))
-            if len(words) == 3 + len(relation.split()) + 3:
+            second, last = obj_at(end + len(relation.split()))
+            if last == len(words):
                 return Scene((first, second), relation=relation)
     raise ValueError(f"caption {text!r} is not a tiny-world caption: after 'a <colour> <shape>' expected nothing, "
                      f"a position {list(POSITIONS.values())} or a relation {list(RELATIONS)} and a second object")
@@ -106,7 +127,7 @@ def prompt_split(kind: str) -> tuple[list[Scene], list[Scene]]:
         return scenes, []
     order = list(range(len(scenes)))
     random.Random(f"held-out-{kind}").shuffle(order)
-    held = {i for n, i in enumerate(order) if n % HELD_OUT_EVERY == 0}
+    held = {i for n, i in enumerate(order) if n % HELD_OUT_EVERY[kind] == 0}
     return [s for i, s in enumerate(scenes) if i not in held], [s for i, s in enumerate(scenes) if i in held]
 
 
@@ -137,6 +158,61 @@ def near_misses(scene: Scene) -> list[Scene]:
 
 def training_captions() -> list[str]:
     return [caption(s) for kind in ("single", "positioned", "pair") for s in prompt_split(kind)[0]]
+
+
+def describes(asked: Scene, shown: Scene) -> bool:
+    """Whether a caption of `asked` is true of an image of `shown`: the same objects, layout and relation, with a
+    left-out colour matching any colour."""
+    return (len(asked.objects) == len(shown.objects) and asked.position == shown.position
+            and asked.relation == shown.relation
+            and all(a.shape == b.shape and a.colour in (None, b.colour) for a, b in zip(asked.objects, shown.objects)))
+
+
+# ----------------------------------------------------------------------------------------------- rare words
+
+def vocabulary() -> list[str]:
+    """Every word of the world's captions."""
+    words = {"a"} | set(COLOURS) | set(SHAPES)
+    for phrase in list(POSITIONS.values()) + list(RELATIONS):
+        words |= set(phrase.split())
+    return sorted(words)
+
+
+@functools.lru_cache(maxsize=None)
+def nonsense_words() -> tuple[str, ...]:
+    """The seeded pool of words without a visual meaning: consonant-vowel-consonant words spelled from the
+    tokenizer's pieces (as "sks" is spelled from CLIP's), the subjects' rare tokens first. The tokenizer spells
+    each caption word from its letters (models.build_tokenizer), so a letter it has inside a word and a letter it
+    has at a word's end make a word it can spell."""
+    real = set(vocabulary())
+    inner, last = {c for w in real for c in w[:-1]}, {w[-1] for w in real}
+    vowels = sorted(set("aeiou") & inner)
+    consonants = sorted(inner - set("aeiou"))
+    finals = sorted(last - set("aeiou"))
+    rng = random.Random("nonsense-words")
+    pool = list(SUBJECT_TOKENS)
+    while len(pool) < NONSENSE_POOL_SIZE:
+        word = rng.choice(consonants) + rng.choice(vowels) + rng.choice(finals)
+        if word not in real and word not in pool:
+            pool.append(word)
+    return tuple(pool)
+
+
+def augment_caption(scene: Scene, rng: random.Random) -> tuple[str, Scene]:
+    """A training caption of `scene` as the data shows it, and the scene that caption asks for: with probability
+    COLOURLESS_SHARE one object's colour is left out, and independently with probability NONSENSE_SHARE a
+    nonsense word goes before one object's noun (it asks for nothing)."""
+    objects = list(scene.objects)
+    if rng.random() < COLOURLESS_SHARE:
+        i = rng.randrange(len(objects))
+        objects[i] = Obj(None, objects[i].shape)
+    asked = dataclasses.replace(scene, objects=tuple(objects))
+    text = caption(asked)
+    if rng.random() < NONSENSE_SHARE:
+        words = text.split()
+        at = rng.choice([i for i, w in enumerate(words) if w in SHAPES])
+        text = " ".join(words[:at] + [rng.choice(nonsense_words())] + words[at:])
+    return text, asked
 
 
 # ----------------------------------------------------------------------------------------------- layout
