@@ -104,6 +104,10 @@ def test_captions_may_leave_a_colour_out_and_the_oracle_then_accepts_any_colour(
     assert world.describes(scene, world.parse_caption("a green circle left of a red square"))
     assert not world.describes(scene, world.parse_caption("a green circle right of a red square"))
     assert not world.describes(world.parse_caption("a red circle"), world.parse_caption("a red circle on the left"))
+    drawn = [world.render(scene, seed) for seed in range(12)]           # any colour but the other object's
+    assert all(oracle.judge(im, "a circle left of a red square").correct for im in drawn)
+    circles = {d.colour for im in drawn for d in oracle.judge(im, scene).detections if d.shape == "circle"}
+    assert len(circles) >= 3 and "red" not in circles, circles
 
 
 def test_nonsense_words_are_spelled_from_word_pieces_and_mean_nothing():

@@ -298,8 +298,11 @@ def render(scene: Scene, seed: int) -> np.ndarray:
         centres = _layout_pair(rng, scene.relation, *radii)
     else:
         centres = [_centre_for_position(rng, scene.position, radii[0])]
+    named = {o.colour for o in scene.objects}
     for obj, (cx, cy), r in zip(scene.objects, centres, radii):
-        colour = np.array(COLOURS[obj.colour]) + np.array([rng.uniform(-0.05, 0.05) for _ in range(3)])
+        # a colour the caption leaves out is any colour the other object does not have
+        name = obj.colour or rng.choice([c for c in COLOURS if c not in named])
+        colour = np.array(COLOURS[name]) + np.array([rng.uniform(-0.05, 0.05) for _ in range(3)])
         cover = shape_mask(obj.shape, cx, cy, r)[..., None]
         image = image * (1 - cover) + np.clip(colour, 0, 1) * cover
     return image.astype(np.float32)
