@@ -28,7 +28,7 @@ from r0_core import lora
 from r0_core.generate import generate
 from r0_core.loading import TINY, load_pipeline
 from r0_core.rewards import LambdaHarmonic, load_reward
-from r0_core.tiny import subjects
+from r0_core.tiny import protocol, subjects
 from r0_core.tiny.evaluate import grid
 from rpo_core.dreambench import strip_token
 from rpo_core.train import RPOConfig, train_rpo, validate
@@ -51,7 +51,11 @@ def evaluate(pipe, subject, scorer, references, per_prompt: int, seed: int = 10_
          "prompt_ok": float(np.mean([v.prompt_ok for v in verdicts])),
          "both_ok": float(np.mean([v.subject_ok and v.prompt_ok for v in verdicts])),
          "valid": float(np.mean([v.valid for v in verdicts])),
-         "clip_i": float(clip_i.mean()), "clip_t": float(clip_t.mean())}
+         "clip_i": float(clip_i.mean()), "clip_t": float(clip_t.mean()),
+         # per image, for intervals over prompts (r0_core.tiny.protocol)
+         "per_image": {"subject_ok": [bool(v.subject_ok) for v in verdicts],
+                       "prompt_ok": [bool(v.prompt_ok) for v in verdicts],
+                       "both_ok": [bool(v.subject_ok and v.prompt_ok) for v in verdicts]}}
     m["harmonic_oracle"] = harmonic(m["subject_ok"], m["prompt_ok"])
     m["harmonic_clip"] = harmonic((m["clip_i"] + 1) / 2, (m["clip_t"] + 1) / 2)   # cosines mapped to 0..1
     return m, pixels
@@ -74,9 +78,11 @@ def main(argv=None):
     parser.add_argument("--tag", default="", help="store these runs as <method>_<tag> beside the others")
     parser.add_argument("--lambda-train", type=float, default=RPOConfig.lambda_train)
     parser.add_argument("--tables", action="store_true", help="only print the tables of finished subjects")
+    parser.add_argument("--results", default="benchmarks/results",
+                        help="where rpo_mini_dreambench.json/.md go (the README quotes them)")
     args = parser.parse_args(argv)
     if args.tables:
-        return print_tables(args.out)
+        return print_tables(args.out, args.results)
     torch.set_num_threads(1)
     os.makedirs(args.out, exist_ok=True)
     scorer = load_reward("clip", TINY)
@@ -135,10 +141,10 @@ def main(argv=None):
             os.path.join(args.out, f"{subject.name}{'_' + args.tag if args.tag else ''}.png"))
         with open(path, "w") as f:
             json.dump(rows, f, indent=1)
-    print_tables(args.out)
+    print_tables(args.out, args.results)
 
 
-def print_tables(out: str) -> None:
+def print_tables(out: str, results: str = "") -> None:
     """The tables over every subject measured so far in `out` (subjects may run as parallel processes)."""
     report = {s.name: json.load(open(os.path.join(out, f"{s.name}.json"))) for s in subjects.SUBJECTS
               if os.path.exists(os.path.join(out, f"{s.name}.json"))}
@@ -149,10 +155,19 @@ def print_tables(out: str) -> None:
           "harmonic (oracle) | both right | validity |")
     print("|---|---|---|---|---|---|---|---|---|")
     methods = [k for k in report[names[0]] if not k.startswith(("selection", "settings"))] if names else []
+    lines, summary = [], {}
     for method in methods:
         rows = [report[n][method] for n in names if method in report.get(n, {})]
         if len(rows) == len(names):
-            print(f"| {method} | " + " | ".join(f"{np.mean([r[k] for r in rows]):.3f}" for k in keys) + " |")
+            lines.append(f"| {method} | " + " | ".join(f"{np.mean([r[k] for r in rows]):.3f}" for k in keys) + " |")
+            summary[method] = {k: float(np.mean([r[k] for r in rows])) for k in keys}
+            if all("per_image" in r for r in rows):   # oracle rates with 95% intervals over (subject, prompt)
+                groups = np.concatenate([np.repeat(np.arange(25) + 100 * i, len(r["per_image"]["both_ok"]) // 25)
+                                         for i, r in enumerate(rows)])
+                for k in ("subject_ok", "both_ok"):
+                    summary[method][k + "_ci"] = protocol.summarize(
+                        np.concatenate([r["per_image"][k] for r in rows]), groups)
+    print("\n".join(lines))
     # selection cost and quality: which checkpoint each validation would keep, and how it scores
     ratios, picks = [], []
     for n in names:
@@ -170,6 +185,15 @@ def print_tables(out: str) -> None:
         print("|---|---|---|---|---|")
         for n, i4, h4, i50, h50 in picks:
             print(f"| {n} | {i4} | {h4:.3f} | {i50} | {h50:.3f} |")
+    if results and summary:
+        cis = "\n".join(f"| {m} | {protocol.fmt(v['subject_ok_ci'])} | {protocol.fmt(v['both_ok_ci'])} |"
+                         for m, v in summary.items() if "both_ok_ci" in v)
+        markdown = (f"Subjects: {', '.join(names)}; means over subjects.\n\n| method | tiny-CLIP-I | oracle subject | "
+                    "tiny-CLIP-T | oracle prompt | harmonic (CLIP) | harmonic (oracle) | both right | validity |\n"
+                    "|---|---|---|---|---|---|---|---|---|\n" + "\n".join(lines)
+                    + "\n\nOracle rates with 95% intervals (bootstrap over subject x prompt):\n\n"
+                      "| method | subject right | subject and prompt right |\n|---|---|---|\n" + cis)
+        protocol.write_results("rpo_mini_dreambench", {"subjects": names, "methods": summary}, markdown, results)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,10 @@ Stages, each resumable from its last checkpoint under --work (rerun the same com
   5. reward the reward CLIP: the CLIP of stage 3 fine-tuned against hard negatives (the same caption with one
             colour, shape, position or relation changed), so its score tells a wrong relation from a right one
   6. save   the pipeline as a diffusers folder (tiny-sd) and the reward CLIP (tiny-clip) under --out
+  7. stack  the reward stack learned from the saved pipeline's samples judged by the oracle: tiny HPS, tiny
+            ImageReward and the tiny aesthetic head (r0_core/tiny/reward_stack.py), also under --out
+Training captions vary as world.augment_caption says (nonsense words, colours left out), so the text tower and
+the UNet learn that the subjects' rare tokens mean nothing until fine-tuning gives them a meaning.
 """
 from __future__ import annotations
 
@@ -323,7 +327,7 @@ def main(argv=None):
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "weights"),
                         help="where tiny-sd/ and tiny-clip/ are written (default: the shipped location)")
     parser.add_argument("--work", default="build/tiny", help="data and resumable checkpoints")
-    parser.add_argument("--only", choices=("data", "vae", "clip", "unet", "reward"),
+    parser.add_argument("--only", choices=("data", "vae", "clip", "unet", "reward", "save", "stack"),
                         help="run one stage (and load the ones it needs), so that independent stages can run in "
                              "two processes at once: see scripts/build_tiny.sh")
     for field in dataclasses.fields(BuildConfig):
@@ -342,19 +346,28 @@ def main(argv=None):
     if args.only == "data":
         return
     # every stage resumes from (or loads) its checkpoint, so --only runs one stage and the rest load theirs
-    vae = build_vae(cfg, args.work, images) if args.only in (None, "vae", "unet") else None
+    vae = build_vae(cfg, args.work, images) if args.only in (None, "vae", "unet", "save") else None
     if args.only == "vae":
         return
     clip = build_clip(cfg, args.work, images, captions, tokenizer)
     if args.only == "clip":
         return
     scheduler = DDIMScheduler(**models.SCHEDULER_CONFIG)
-    if args.only in (None, "unet"):
+    if args.only in (None, "unet", "save"):
         unet = build_unet(cfg, args.work, images, captions, vae, clip.text_model, tokenizer, scheduler)
-    if args.only in (None, "reward"):
+    if args.only in (None, "reward", "save"):
         reward_clip = build_reward_clip(cfg, args.work, clip, images, captions, tokenizer)
-    if args.only is None:
+    if args.only in (None, "save"):
         save_world(args.out, vae, clip, reward_clip, tokenizer, unet, scheduler, cfg, time.time() - started)
+    if args.only in (None, "stack"):
+        # the reward stack learns from the saved base pipeline's own samples (r0_core/tiny/reward_stack.py)
+        from ..loading import load_pipeline
+        from .reward_stack import RewardStackConfig, build_reward_stack
+
+        pipe = load_pipeline(os.path.join(args.out, "tiny-sd"), device="cpu", dtype=torch.float32)
+        build_reward_stack(RewardStackConfig(seed=cfg.seed), os.path.join(args.work, "reward_stack"), pipe, clip,
+                           tokenizer, images, captions, args.out, clip_dir=os.path.join(args.out, "tiny-clip"))
+    if args.only is None:
         print(f"built the tiny world in {(time.time() - started) / 60:.1f} min -> {args.out}")
 
 
