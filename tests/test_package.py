@@ -66,7 +66,8 @@ def test_build_command_is_seeded_and_resumes_exactly(tmp_path, monkeypatch):
 
     small = ["--num-images", "200", "--vae-steps", "4", "--clip-steps", "2", "--unet-steps", "2",
              "--vae-batch", "4", "--clip-batch", "8", "--unet-batch", "4", "--threads", "1",
-             "--reward-steps", "2", "--reward-batch", "8", "--checkpoint-every", "2"]
+             "--reward-steps", "2", "--reward-batch", "8", "--checkpoint-every", "2",
+             "--only", "save"]   # every stage up to the saved pipeline; tests/test_tiny_rewards.py builds the stack
     build.main(["--out", str(tmp_path / "a" / "out"), "--work", str(tmp_path / "a" / "work"), *small])
 
     # run b stops after the VAE's second step (as Ctrl-C would), then the same command resumes it

@@ -328,8 +328,9 @@ def main(argv=None):
                         help="where tiny-sd/ and tiny-clip/ are written (default: the shipped location)")
     parser.add_argument("--work", default="build/tiny", help="data and resumable checkpoints")
     parser.add_argument("--only", choices=("data", "vae", "clip", "unet", "reward", "save", "stack"),
-                        help="run one stage (and load the ones it needs), so that independent stages can run in "
-                             "two processes at once: see scripts/build_tiny.sh")
+                        help="run one stage and what it needs (trained stages load from their checkpoints), so "
+                             "that independent stages can run in two processes at once (scripts/build_tiny.sh); "
+                             "'save' is every stage up to the saved pipeline, without the reward stack")
     for field in dataclasses.fields(BuildConfig):
         parser.add_argument(f"--{field.name.replace('_', '-')}", type=field.type if callable(field.type)
                             else type(field.default), default=field.default)
