@@ -19,6 +19,10 @@ PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 CONFIGS_DIR = os.path.join(PACKAGE_DIR, "configs")
 TINY_PIPELINE_DIR = os.path.join(PACKAGE_DIR, "tiny", "weights", "tiny-sd")
 TINY_CLIP_DIR = os.path.join(PACKAGE_DIR, "tiny", "weights", "tiny-clip")
+# the tiny reward stack (r0_core.tiny.reward_stack): each main file with its companions in the same folder
+TINY_HPS = os.path.join(PACKAGE_DIR, "tiny", "weights", "tiny-hps", "HPS_tiny.safetensors")
+TINY_IMAGE_REWARD = os.path.join(PACKAGE_DIR, "tiny", "weights", "tiny-image-reward", "ImageReward.safetensors")
+TINY_AESTHETIC = os.path.join(PACKAGE_DIR, "tiny", "weights", "tiny-aesthetic", "aesthetic.safetensors")  # on tiny-clip
 TINY_R0_LORA = os.path.join(PACKAGE_DIR, "tiny", "weights", "tiny-r0-lora.safetensors")  # benchmarks/r0_table.py
 TINY = "tiny"  # the name that selects the built-in tiny world
 

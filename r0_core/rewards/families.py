@@ -3,7 +3,12 @@
 A family reads its main file or folder (`path`) and, where the official release splits them, a companion
 (`support`): the CLIP tokenizer for HPS, med_config.json + vocab.txt for ImageReward, the CLIP ViT-L/14 folder for
 the aesthetic head. A companion defaults to the main file's own folder, so one folder in models/reward_models
-holding everything just works. Loaded scorers are cached by family, paths, dtype and device."""
+holding everything just works. An HPS checkpoint may have open_clip's `open_clip_config.json` beside it, whose
+head counts and activation then replace the inferred ones (open_clip reads a model's architecture from that config,
+not from its tensors). Loaded scorers are cached by family, paths, dtype and device.
+
+`path="tiny"` selects the tiny world's own model of a family: its CLIP, or the HPS, ImageReward and aesthetic
+models that r0_core.tiny.reward_stack learns from the world's oracle."""
 from __future__ import annotations
 
 import os
@@ -12,10 +17,11 @@ from typing import Callable, Optional
 
 import torch
 
-from ..loading import TINY, TINY_CLIP_DIR, pick_device_dtype
+from ..loading import (TINY, TINY_AESTHETIC, TINY_CLIP_DIR, TINY_HPS, TINY_IMAGE_REWARD, ModelLoadError,
+                       pick_device_dtype)
 from .aesthetic import AestheticScore
 from .align import AlignScore
-from .base import RewardModel
+from .base import RewardModel, read_json
 from .clip_score import ClipScore
 from .dino import DinoSimilarity
 from .hps import HPSv2
@@ -31,15 +37,37 @@ class Family:
     references: bool = False  # scores compare against reference images
 
 
+OPEN_CLIP_CONFIG = "open_clip_config.json"
+
+
 def _beside(path: str, support: Optional[str]) -> str:
     return support or (path if os.path.isdir(path) else os.path.dirname(path))
+
+
+def open_clip_overrides(config: dict) -> dict:
+    """HPSv2.from_pretrained `config` overrides from an open_clip_config.json ({"model_cfg": {...}}, or the bare
+    model config of open_clip's model_configs/*.json): head counts (open_clip's defaults: 64-wide vision heads,
+    8 text heads) and quick GELU."""
+    model = config.get("model_cfg", config)
+    vision, text = model.get("vision_cfg", {}), model.get("text_cfg", {})
+    act = {"hidden_act": "quick_gelu"} if model.get("quick_gelu") else {}
+    overrides = {"text_config": dict(act, num_attention_heads=text.get("heads", 8))}
+    if "width" in vision:
+        overrides["vision_config"] = dict(act, num_attention_heads=vision["width"] // vision.get("head_width", 64))
+    return overrides
+
+
+def _load_hps(path: str, support: Optional[str]) -> HPSv2:
+    config = os.path.join(os.path.dirname(path), OPEN_CLIP_CONFIG)
+    overrides = open_clip_overrides(read_json(config)) if os.path.isfile(config) else None
+    return HPSv2.from_pretrained(path, _beside(path, support), overrides)
 
 
 FAMILIES: dict[str, Family] = {
     "clip": Family(lambda p, s: ClipScore.from_pretrained(p, s),
                    "a transformers CLIP folder (e.g. openai/clip-vit-large-patch14), or 'tiny'",
                    "optional tokenizer folder"),
-    "hpsv2": Family(lambda p, s: HPSv2.from_pretrained(p, _beside(p, s)),
+    "hpsv2": Family(_load_hps,
                     "HPS_v2_compressed.pt / HPS_v2.1_compressed.pt (or .safetensors, open_clip keys)",
                     "CLIP tokenizer folder (vocab.json + merges.txt); default: beside the checkpoint"),
     "pickscore": Family(lambda p, s: PickScore.from_pretrained(p, s),
@@ -57,6 +85,36 @@ FAMILIES: dict[str, Family] = {
 }
 
 
+def _with(path: str, *companions: str) -> tuple[str, ...]:
+    """A main file and the companion files beside it."""
+    return (path, *(os.path.join(os.path.dirname(path), name) for name in companions))
+
+
+# family -> (path, support, the files its loader reads) of the tiny world's own models
+TINY_MODELS = {
+    "clip": (TINY_CLIP_DIR, None, _with(os.path.join(TINY_CLIP_DIR, "model.safetensors"), "config.json",
+                                        "tokenizer.json")),
+    "hpsv2": (TINY_HPS, None, _with(TINY_HPS, OPEN_CLIP_CONFIG, "tokenizer.json")),
+    "image_reward": (TINY_IMAGE_REWARD, None, _with(TINY_IMAGE_REWARD, "med_config.json", "vocab.txt")),
+    "aesthetic": (TINY_AESTHETIC, TINY_CLIP_DIR, _with(TINY_AESTHETIC)),
+}
+
+
+def tiny_model(family: str) -> tuple[str, Optional[str]]:
+    """(path, support) of the tiny world's model of `family`, after checking that its files are there."""
+    if family not in TINY_MODELS:
+        raise ValueError(f"the tiny world has no {family!r} model; for path 'tiny' choose family "
+                         f"{', '.join(repr(f) for f in TINY_MODELS)}")
+    path, support, files = TINY_MODELS[family]
+    missing = [f for f in files if not os.path.isfile(f)]
+    if missing:
+        build = "python -m r0_core.tiny.build" if family == "clip" else "python -m r0_core.tiny.reward_stack"
+        raise ModelLoadError(f"the tiny {family} model is not built: {', '.join(missing)} not found; build it with "
+                             f"`{build}` (it writes into r0_core/tiny/weights), or choose family 'clip' for the "
+                             f"shipped tiny CLIP")
+    return path, support
+
+
 def _required(support: Optional[str], family: str) -> str:
     if not support:
         raise ValueError(f"the {family} family needs support: {FAMILIES[family].support}")
@@ -68,13 +126,13 @@ _CACHE: dict[tuple, RewardModel] = {}
 
 def load_reward(family: str, path: str, support: Optional[str] = None, device=None, dtype=None) -> RewardModel:
     """A frozen, eval-mode scorer, loaded once per (family, path, support, dtype, device) and reused.
-    `path="tiny"` with family "clip" is the built-in tiny world's CLIP."""
+    `path="tiny"` is the tiny world's model of the family (clip, hpsv2, image_reward or aesthetic); a given
+    `support` replaces its default companion."""
     if family not in FAMILIES:
         raise ValueError(f"reward family {family!r} is unknown; choose one of {', '.join(FAMILIES)}")
     if path == TINY:
-        if family != "clip":
-            raise ValueError(f"the built-in tiny model is a CLIP; choose family 'clip', not {family!r}")
-        path = TINY_CLIP_DIR
+        path, default = tiny_model(family)
+        support = support or default
     device, dtype = pick_device_dtype(device, dtype)
     key = (family, os.path.realpath(path), support and os.path.realpath(support), str(dtype), str(device))
     if key not in _CACHE:

@@ -110,6 +110,33 @@ def to_transformers(state: dict) -> tuple[dict, list[str]]:
     return out, unknown
 
 
+def to_open_clip(state: dict) -> tuple[dict, list[str]]:
+    """CLIPModel state dict -> (open_clip state dict, keys it has no place for): the inverse of to_transformers,
+    dtypes kept. The three attention projections are fused back into open_clip's in_proj."""
+    top = {v: k for k, v in TOP.items()}
+    block = {v: k for k, v in BLOCK.items()}
+    out, unknown = {}, []
+    for key, value in state.items():
+        tower = next((t for t, p in TOWERS.items() if key.startswith(p)), None)
+        if key in top:
+            name = top[key]
+            out[name] = value.T.contiguous() if name in ("visual.proj", "text_projection") else value
+        elif tower is not None:
+            prefix, (i, name) = key[:len(TOWERS[tower])], key[len(TOWERS[tower]):].split(".", 1)
+            module, _, param = name.rpartition(".")
+            if module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+                if module == "self_attn.q_proj":  # k and v are taken with q
+                    parts = [state[f"{prefix}{i}.self_attn.{p}_proj.{param}"] for p in "qkv"]
+                    out[f"{tower}{i}.attn.in_proj_{param}"] = torch.cat(parts)
+            elif module in block:
+                out[f"{tower}{i}.{block[module]}.{param}"] = value
+            else:
+                unknown.append(key)
+        else:
+            unknown.append(key)
+    return out, unknown
+
+
 def not_hps(path: str, detail: str) -> ModelLoadError:
     return ModelLoadError(f"{path} is not an open_clip HPS checkpoint ({detail}); expected HPS_v2_compressed.pt or "
                           f"HPS_v2.1_compressed.pt (or a .safetensors of it): open_clip ViT-H-14 keys such as "
