@@ -30,8 +30,8 @@ def tiny_clip():
 def test_loader_gives_the_cached_tiny_clip(tiny_clip):
     assert isinstance(tiny_clip, ClipScore)
     assert RewardLoader().load("clip", "tiny", BESIDE, "cpu", "fp32")[0] is tiny_clip
-    with pytest.raises(ValueError, match="family 'clip'"):
-        RewardLoader().load("image_reward", "tiny", BESIDE, "cpu", "fp32")
+    with pytest.raises(ValueError, match="tiny world has no 'pickscore'"):
+        RewardLoader().load("pickscore", "tiny", BESIDE, "cpu", "fp32")
 
 
 def test_loader_lists_and_resolves_only_inside_reward_models(tmp_path, monkeypatch):
