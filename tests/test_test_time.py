@@ -130,7 +130,9 @@ def test_the_regulariser_keeps_the_noise_on_the_chi_shell(pipe, clip):
         return torch.tensor(seen) - math.sqrt(d - 1)       # [iterations, B] distance from the shell
 
     free, held = norms(0.0), norms(0.01)
-    assert (free[-1] > 2.0).all(), free                       # a large lr alone walks off the shell
+    # a large lr alone walks off the shell (an image whose tiny-CLIP score is clamped at 0 gets no gradient and
+    # stays put, so the test asks it of the batch's furthest image)
+    assert free[-1].max() > 2.0, free
     assert held.abs().max() < 1.5, held
 
 
