@@ -51,20 +51,11 @@ def spearman(a, b) -> float:
 
 
 def spearman_summary(scores, labels, groups, seed: int = 0) -> dict:
-    """Spearman over all images, with a 95% interval from resampling captions (all images of a drawn caption),
-    as protocol.summarize does for means; protocol has no such interval for a correlation."""
-    scores, labels, groups = np.asarray(scores), np.asarray(labels), np.asarray(groups)
-    members = [np.flatnonzero(groups == g) for g in np.unique(groups)]
-    rng = np.random.default_rng(seed)
-    draws = []
-    for _ in range(protocol.BOOTSTRAP):
-        idx = np.concatenate([members[i] for i in rng.integers(0, len(members), len(members))])
-        draws.append(spearman(scores[idx], labels[idx]))
-    draws = np.asarray(draws)
-    draws = draws[~np.isnan(draws)]
-    low, high = np.percentile(draws, [2.5, 97.5]) if len(draws) else (float("nan"),) * 2
-    return {"mean": spearman(scores, labels), "low": float(low), "high": float(high), "images": len(scores),
-            "captions": len(members)}
+    """Spearman over all images, with its 95% interval from resampling captions (protocol.resample_captions)."""
+    scores, labels = np.asarray(scores), np.asarray(labels)
+    low, high = protocol.resample_captions(lambda idx: spearman(scores[idx], labels[idx]), groups, seed)
+    return {"mean": spearman(scores, labels), "low": low, "high": high, "images": len(scores),
+            "captions": len(np.unique(groups))}
 
 
 def fmt_rho(summary: dict) -> str:

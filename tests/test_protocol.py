@@ -133,3 +133,12 @@ def test_write_results_writes_json_and_markdown_with_command_and_commit(tmp_path
     text = (tmp_path / "demo.md").read_text()
     assert "python benchmarks/tiny_quality.py --seeds 1" in text and head in text and text.endswith("| 1 |\n")
     assert sorted(os.listdir(tmp_path)) == ["demo.json", "demo.md"]  # no temporary files left behind
+
+
+def test_resample_captions_gives_an_interval_around_a_statistic_and_none_for_a_constant():
+    rng = np.random.default_rng(3)
+    groups = np.repeat(np.arange(30), 4)
+    values = rng.random(len(groups))
+    low, high = protocol.resample_captions(lambda idx: values[idx].mean(), groups)
+    assert low < values.mean() < high
+    assert all(np.isnan(protocol.resample_captions(lambda idx: float("nan"), groups)))

@@ -72,6 +72,21 @@ def _bootstrap(means: np.ndarray, seed: int) -> tuple[float, float]:
     return float(low), float(high)
 
 
+def resample_captions(statistic, groups, seed: int = 0) -> tuple[float, float]:
+    """95% bootstrap interval of any `statistic(index)` of a cell's images (a correlation, say), resampling
+    captions with all their images as `summarize` does for a mean; draws where the statistic is NaN are dropped."""
+    groups = np.asarray(groups)
+    members = [np.flatnonzero(groups == g) for g in np.unique(groups)]
+    rng = np.random.default_rng(seed)
+    draws = np.array([statistic(np.concatenate([members[i] for i in rng.integers(0, len(members), len(members))]))
+                      for _ in range(BOOTSTRAP)], dtype=np.float64)
+    draws = draws[~np.isnan(draws)]
+    if not len(draws):
+        return float("nan"), float("nan")
+    low, high = np.percentile(draws, [2.5, 97.5])
+    return float(low), float(high)
+
+
 def summarize(values, groups, seed: int = 0) -> dict:
     """Mean of per-image values (1/0 verdicts, or scores) with a 95% bootstrap interval over captions. Every
     caption has the same number of images in a cell, so the mean of caption means is the image mean."""
