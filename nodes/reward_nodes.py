@@ -68,9 +68,12 @@ def run_scorer(reward_model, images, prompts: str, references: Optional[torch.Te
 
 
 def table(scores: torch.Tensor, prompts: list[str], order=None) -> str:
+    """One line per image (in `order`, default the batch's): its rank by score (1 = best), index, score, prompt."""
     order = range(len(scores)) if order is None else order
+    by_score = sorted(range(len(scores)), key=lambda i: (-float(scores[i]), i))
+    rank = {i: r for r, i in enumerate(by_score, 1)}
     return "\n".join(["rank  image  score       prompt"] + [
-        f"{rank:>4}  {i:>5}  {scores[i]:>10.4f}  {prompts[i]}" for rank, i in enumerate(order, 1)])
+        f"{rank[i]:>4}  {i:>5}  {scores[i]:>10.4f}  {prompts[i]}" for i in order])
 
 
 class RewardLoader:

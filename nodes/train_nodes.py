@@ -74,6 +74,14 @@ class R0Train:
                                    "tooltip": "CFG inside the generator; 1 = off (one UNet call a step)"}),
             "width": ("INT", {"default": 512, "min": 16, "max": 4096, "step": 8}),
             "height": ("INT", {"default": 512, "min": 16, "max": 4096, "step": 8}),
+        }, "optional": {
+            "cfg_reward_weight": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.05,
+                                            "tooltip": "weight of R0's implicit CFG reward: the pretrained model's "
+                                                       "guidance direction, so the generator learns CFG and can "
+                                                       "run at guidance 1; 0 = off"}),
+            "eta_per_image": ("BOOLEAN", {"default": False, "tooltip": "draw η per image as well as per step"}),
+            "ema_decay": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 0.9999, "step": 0.001,
+                                    "tooltip": "save an exponential moving average of the LoRA; 0 = off"}),
         }}
 
     @classmethod
@@ -81,12 +89,14 @@ class R0Train:
         return float("nan")  # always run: a finished run is found on disk and reused, a stopped one resumes
 
     def train(self, pipeline, reward_model, prompts, steps, lr, lora_rank, reg_weight, eta_min, eta_max, mode, seed,
-              save_name, batch_size, sampler_steps, guidance, width, height):
+              save_name, batch_size, sampler_steps, guidance, width, height, cfg_reward_weight=0.0,
+              eta_per_image=False, ema_decay=0.0):
         name = safe_name(save_name)
         config = R0Config(prompts=[p.strip() for p in prompts.splitlines() if p.strip()], iterations=steps, lr=lr,
                           lora_rank=lora_rank, reg_weight=reg_weight, eta_range=(eta_min, eta_max), mode=mode,
                           seed=seed, batch_size=batch_size, steps=sampler_steps, guidance=guidance, width=width,
-                          height=height)
+                          height=height, cfg_reward_weight=cfg_reward_weight, eta_per_image=eta_per_image,
+                          ema_decay=ema_decay)
         lora_path = os.path.join(bridge.folder_roots(LORAS)[0], f"{name}.safetensors")
         out_dir = os.path.join(bridge.output_dir(), "r0_train", name)
         pipe = pipeline["pipe"].to(pipeline["device"])
@@ -141,15 +151,19 @@ class R0TestTimeRefine:
             "batch_size": ("INT", {"default": 1, "min": 1, "max": 64}),
             "width": ("INT", {"default": 512, "min": 16, "max": 4096, "step": 8}),
             "height": ("INT", {"default": 512, "min": 16, "max": 4096, "step": 8}),
+        }, "optional": {
+            "cfg_reward_weight": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.05,
+                                            "tooltip": "weight of R0's implicit CFG reward (the model's own "
+                                                       "guidance direction) beside the reward; 0 = off"}),
         }}
 
     def refine(self, pipeline, reward_model, prompt, iterations, lr, seed, steps, guidance, batch_size, width,
-               height):
+               height, cfg_reward_weight=0.0):
         pipe = pipeline["pipe"].to(pipeline["device"])
         lora.use_loras(pipe, pipeline.get("loras", []))
         result = refine_noise(pipe, reward_model, prompt.strip(), iterations=iterations, lr=lr, seed=seed,
                               steps=steps, guidance=guidance, batch_size=batch_size, height=height, width=width,
-                              callback=bridge.cancellable_progress(iterations))
+                              cfg_reward_weight=cfg_reward_weight, callback=bridge.cancellable_progress(iterations))
         if result.cancelled:
             print("[R0 Test-time Refine] cancelled; returning the best images reached")
         return (result.images.permute(0, 2, 3, 1).cpu().float(),

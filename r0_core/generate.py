@@ -11,15 +11,17 @@ from .sampler import sample_r0, seeded_noise, seeded_noise_sampler
 from .schedule import scheduler_sigmas
 
 
-def encode_prompts(pipe, prompts: list[str], guidance: float):
-    """(cond, uncond) text embeddings; uncond is None when guidance is off."""
+def encode_prompts(pipe, prompts: list[str], guidance: float, with_uncond: bool = False):
+    """(cond, uncond) text embeddings; uncond is None when guidance is off, unless with_uncond (the implicit
+    CFG reward needs it without guidance)."""
     if hasattr(pipe, "text_encoder_2"):
         raise NotImplementedError("few-step generation with SDXL pipelines (pooled text embeddings and time ids) "
                                   "is not wired yet; SD 1.x/2.x pipelines and the tiny model are supported")
     if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
         raise ValueError(f"prompts={prompts!r}; expected one or more non-empty strings")
-    cond, uncond = pipe.encode_prompt(prompts, pipe.unet.device, 1, guidance != 1.0, negative_prompt=None)[:2]
-    return cond, (uncond if guidance != 1.0 else None)
+    wanted = guidance != 1.0 or with_uncond
+    cond, uncond = pipe.encode_prompt(prompts, pipe.unet.device, 1, wanted, negative_prompt=None)[:2]
+    return cond, (uncond if wanted else None)
 
 
 def decode(pipe, latents: torch.Tensor) -> torch.Tensor:
@@ -68,6 +70,7 @@ def sample_latents(pipe, cond: torch.Tensor, uncond: Optional[torch.Tensor], *, 
                      eta=eta, noise_sampler=seeded_noise_sampler(x, seeds))
 
 
+@torch.no_grad()
 def generate(pipe, prompts: list[str], *, steps: int = 4, eta: float = 0.0, guidance: float = 1.0,
              seeds: Optional[Sequence[int]] = None, timesteps: Optional[Sequence[int]] = None,
              height: Optional[int] = None, width: Optional[int] = None,
@@ -76,6 +79,8 @@ def generate(pipe, prompts: list[str], *, steps: int = 4, eta: float = 0.0, guid
 
     steps/timesteps: K uniform steps, or an explicit descending list of training timesteps.
     seeds: one per image (default 0..B-1); the same seed gives the same image whatever the batch.
+    Inference only (no gradients, so the images are plain tensors); trainers and test-time R0 build their own
+    differentiable path from sample_r0.
     """
     cond, uncond = encode_prompts(pipe, prompts, guidance)
     latents = sample_latents(pipe, cond, uncond, steps=steps, eta=eta, guidance=guidance, seeds=seeds,

@@ -42,16 +42,19 @@ def sample_r0(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: Optional
               eta: float = 0.0, noise_sampler: Optional[Callable] = None) -> torch.Tensor:
     """Run the K = len(sigmas) - 1 steps from x (already at noise level sigmas[0]); returns the final sample.
 
-    eta: a float, or a tensor of K values (one per step, as R0 training randomises it).
+    eta: a float, a tensor of K values (one per step, as R0 training randomises it) or of [K, B] (per image too).
     noise_sampler(sigma, sigma_next) -> ξ; defaults to torch.randn_like (pass a seeded one for reproducibility).
     callback: called after each step with {"i", "x", "sigma", "sigma_next", "denoised"}; raise Cancelled to stop.
     """
     extra_args = {} if extra_args is None else extra_args
     steps = len(sigmas) - 1
-    etas = torch.as_tensor(eta, dtype=torch.float32).reshape(-1)
-    etas = etas.expand(steps) if len(etas) == 1 else etas
-    if len(etas) != steps or (etas < 0).any() or (etas > 1).any():
-        raise ValueError(f"eta={eta}; expected a value in [0, 1] or {steps} such values, one per step")
+    etas = torch.as_tensor(eta, dtype=torch.float32)
+    etas = etas.reshape(1).expand(steps) if etas.numel() == 1 else etas
+    per_image = etas.ndim == 2
+    if etas.shape[0] != steps or etas.ndim > 2 or per_image and etas.shape[1] != len(x) \
+            or not ((etas >= 0) & (etas <= 1)).all():
+        raise ValueError(f"eta={eta}; expected a value in [0, 1], {steps} such values (one per step) or "
+                         f"[{steps}, {len(x)}] (one per step and image)")
     noise_sampler = noise_sampler or (lambda sigma, sigma_next: torch.randn_like(x))
     s_in = x.new_ones([x.shape[0]])
     for i in trange(steps, disable=disable):
@@ -61,9 +64,10 @@ def sample_r0(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: Optional
             x = denoised                                              # last step: the clean prediction
         else:
             eps = (x - denoised) / sigma                              # 2. ε̂ implied by x̂0
-            e = float(etas[i])
-            noise = noise_sampler(sigma, sigma_next) if e > 0 else 0.0
-            x = denoised + sigma_next * (math.sqrt(1 - e * e) * eps + e * noise)   # 3. re-noise with η
+            e = etas[i].to(x).view(-1, *[1] * (x.ndim - 1)) if per_image else float(etas[i])
+            noise = noise_sampler(sigma, sigma_next) if (etas[i] > 0).any() else 0.0
+            keep = (1 - e * e).sqrt() if per_image else math.sqrt(1 - e * e)
+            x = denoised + sigma_next * (keep * eps + e * noise)      # 3. re-noise with η
         if callback is not None:
             callback({"i": i, "x": x, "sigma": sigma, "sigma_next": sigma_next, "denoised": denoised})
     return x

@@ -27,6 +27,7 @@ from .denoisers import DiffusersDenoiser
 from .generate import checkpointed, decode, encode_prompts, latent_shape, start_latents
 from .rewards.base import RewardModel
 from .rewards.composite import WeightedReward
+from .rewards.implicit_cfg import ImplicitCFG
 from .sampler import Cancelled, sample_r0, seeded_noise, seeded_noise_sampler
 from .schedule import scheduler_sigmas
 
@@ -65,6 +66,7 @@ def refine_noise(pipe, reward: RewardModel, prompt: str | Sequence[str], *, iter
                  lr: float = 5.0, seed: int = 0, steps: int = 4, eta: float = 0.0, guidance: float = 1.0,
                  batch_size: int = 1, height: Optional[int] = None, width: Optional[int] = None,
                  reg_weight: float = 0.01, grad_clip: Optional[float] = 0.1, normalize_gradients: bool = True,
+                 cfg_reward_weight: float = 0.0, cfg_reward_t_range: tuple[float, float] = (0.02, 0.98),
                  callback: Optional[Callable[[dict], None]] = None) -> RefineResult:
     """Optimise the start noise of `batch_size` images (image i seeded `seed + i`, as `generate` seeds it) so
     the frozen few-step generator's images score higher under `reward`; returns the best iterate per image.
@@ -75,21 +77,25 @@ def refine_noise(pipe, reward: RewardModel, prompt: str | Sequence[str], *, iter
     reward: any RewardModel. With normalize_gradients its image gradient is scaled to unit norm per image
         (a WeightedReward whose own `normalize_gradients` is set: each reward's, then weighted, its
         `r0_surrogate`); without, the raw gradient of the reward, as ReNO takes it.
+    cfg_reward_weight: > 0 adds R0's implicit CFG reward (r0_core.rewards.implicit_cfg): the pipeline's own
+        guidance direction at a re-noising of the latents, one more normalised, weighted push (it has no value,
+        so the best iterate is still chosen by `reward`).
     callback({"i", "total", "reward", "best_reward", "images", "noise_norm"}) after each step, i = 0..total-1;
         raise r0_core.sampler.Cancelled there to stop: the best images reached so far come back with
         `cancelled=True` (any other exception propagates).
     Works inside torch.inference_mode() (as ComfyUI runs nodes); the pipeline's weights are never changed.
     """
     prompts = _check(pipe, reward, prompt, iterations, lr, batch_size, reg_weight, grad_clip)
+    cfg = ImplicitCFG(cfg_reward_weight, cfg_reward_t_range) if cfg_reward_weight else None
     with torch.inference_mode(False), torch.enable_grad(), _frozen(pipe.unet, pipe.vae, reward):
-        render, noise = _generator(pipe, prompts, seed=seed, steps=steps, eta=eta, guidance=guidance,
-                                   height=height, width=width)
-        objective = _objective(render, reward, prompts, normalize_gradients, reg_weight)
+        render, noise, guided = _generator(pipe, prompts, seed=seed, steps=steps, eta=eta, guidance=guidance,
+                                           height=height, width=width, cfg=cfg)
+        objective = _objective(render, reward, prompts, normalize_gradients, reg_weight, guided)
         optimizer = torch.optim.SGD([noise], lr=lr, momentum=MOMENTUM, nesterov=True)
         history, best, cancelled = [], None, False
         for it in range(iterations + 1):                     # iterate 0 is the plain sample; N steps follow
             # 1. render ε through the sampler and decoder, score it (with the loss to step on, but at the end)
-            images, latents, value, loss = objective(noise, differentiate=it < iterations)
+            images, latents, value, loss = objective(noise, it, differentiate=it < iterations)
             history.append(value)
             # 2. keep each image's best iterate; report step it - 1 done
             if best is None:
@@ -160,12 +166,13 @@ def _frozen(*modules):
             p.requires_grad_(flag)
 
 
-def _generator(pipe, prompts, *, seed, steps, eta, guidance, height, width):
-    """(render, noise): `render(noise) -> (images [B, 3, H, W] in 0..1, scaled latents)` runs `generate`'s
-    sampler from the start noise `noise`, the seeded fp32 leaf to optimise. The re-noising ξ (η > 0) is drawn
-    afresh from the same seeds at every call, so it stays fixed across iterations and only ε moves."""
+def _generator(pipe, prompts, *, seed, steps, eta, guidance, height, width, cfg):
+    """(render, noise, guided): `render(noise) -> (images [B, 3, H, W] in 0..1, scaled latents)` runs
+    `generate`'s sampler from the start noise `noise`, the seeded fp32 leaf to optimise. The re-noising ξ (η > 0)
+    is drawn afresh from the same seeds at every call, so it stays fixed across iterations and only ε moves.
+    guided(latents, it) -> the implicit CFG reward's surrogate for those latents (None without `cfg`)."""
     with torch.no_grad():
-        cond, uncond = encode_prompts(pipe, prompts, guidance)
+        cond, uncond = encode_prompts(pipe, prompts, guidance, with_uncond=cfg is not None)
     shape = latent_shape(pipe, len(prompts), height, width)
     seeds = [seed + i for i in range(len(prompts))]
     model = checkpointed(DiffusersDenoiser.from_pipeline(pipe))
@@ -178,18 +185,23 @@ def _generator(pipe, prompts, *, seed, steps, eta, guidance, height, width):
         latents = sample_r0(model, x, sigmas, extra, disable=True, eta=eta,
                             noise_sampler=seeded_noise_sampler(x, seeds))
         return checkpointed(decode)(pipe, latents), latents
-    return render, noise
+
+    def guided(latents, it, normalize):
+        gen = torch.Generator("cpu").manual_seed(seed * 1_000_003 + it)
+        direction = cfg.direction(model, latents, cond, uncond, pipe.scheduler.alphas_cumprod, gen)
+        return cfg.surrogate(direction, latents, normalize)
+    return render, noise, (guided if cfg is not None else None)
 
 
-def _objective(render, reward, prompts, normalize_gradients, reg_weight):
-    """objective(noise, differentiate) -> (images, scaled latents, reward [B] on the CPU, loss or None)."""
+def _objective(render, reward, prompts, normalize_gradients, reg_weight, guided=None):
+    """objective(noise, it, differentiate) -> (images, scaled latents, reward [B] on the CPU, loss or None)."""
     if normalize_gradients:   # R0's normalised direction: per reward where a WeightedReward asks for it
         combined = isinstance(reward, WeightedReward) and reward.normalize_gradients
         surrogate_of = reward if combined else WeightedReward([reward])
         weights = torch.tensor(surrogate_of.weights, dtype=torch.float32)
     device = next(reward.parameters(), torch.empty(0)).device
 
-    def objective(noise, differentiate):
+    def objective(noise, it, differentiate):
         with torch.set_grad_enabled(differentiate):
             images, latents = render(noise)
             scored = images.to(device)
@@ -203,6 +215,8 @@ def _objective(render, reward, prompts, normalize_gradients, reg_weight):
                 surrogate = -value.sum()
             if differentiate:
                 loss = surrogate.to(noise.device) + reg_weight * chi_shell_penalty(noise).sum()
+                if guided is not None:
+                    loss = loss + guided(latents, it, normalize_gradients).to(noise.device)
         return images.detach(), latents.detach(), value.detach().cpu(), loss
     return objective
 

@@ -7,8 +7,13 @@ The generator is the pipeline's own UNet run through the K-step R0 sampler (r0_c
      x̂0 (a short backward graph: less memory, as in the paper);
   3. decode with the VAE, with grad (every UNet call and the decode are checkpointed);
   4. reward loss: with normalize_gradients each reward's image gradient is scaled to unit norm per image before
-     weighting (WeightedReward.r0_surrogate), else −mean reward;
-  5. + reg_weight · ‖θ − θ0‖² (LoRA: ‖ΔW‖² of the adapter), then one AdamW step.
+     weighting (WeightedReward.r0_surrogate), else −mean reward; the implicit CFG reward (cfg_reward_weight > 0,
+     r0_core.rewards.implicit_cfg) adds the frozen pretrained model's guidance direction on the latents, as one
+     more normalised, weighted reward;
+  5. + reg_weight · ‖θ − θ0‖² (LoRA: ‖ΔW‖² of the adapter), then one AdamW step (and the EMA, if ema_decay).
+
+The paper's recipe: the generator runs without CFG (guidance 1: one UNet call a step, K NFE), guidance enters
+only through the implicit CFG reward, and several rewards share the push with normalised gradients.
 
 `python -m r0_core.train --help` (or `accelerate launch -m r0_core.train ...` on several GPUs) runs it from the
 shell; `train_r0(pipe, reward, config, out_dir)` from Python.
@@ -16,23 +21,33 @@ shell; `train_r0(pipe, reward, config, out_dir)` from Python.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import dataclasses
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
+from diffusers.training_utils import EMAModel
 
 from . import lora
 from .denoisers import DiffusersDenoiser
 from .files import atomic_save, atomic_write
 from .generate import checkpointed, decode, encode_prompts, latent_shape, start_latents
 from .rewards import RewardModel, WeightedReward
+from .rewards.implicit_cfg import ImplicitCFG
 from .sampler import Cancelled, sample_r0
 from .schedule import scheduler_sigmas
 
+
+
+# options added after the first trainer, and the value of each that does what the first trainer did
+LATER_OPTIONS = {"eta_per_image": False, "plus_step_weights": None, "cfg_reward_weight": 0.0,
+                 "cfg_reward_t_range": (0.02, 0.98), "adam_beta1": 0.9, "ema_decay": 0.0}
 
 
 @dataclass
@@ -47,9 +62,15 @@ class R0Config:
     lora_targets: str = "attention"       # "attention" or "all" (see r0_core.lora)
     reg_weight: float = 1e-2              # weight of ‖θ − θ0‖², the pull towards the pretrained model
     eta_range: tuple[float, float] = (0.0, 1.0)  # η ~ U(eta_range) per sampler step
+    eta_per_image: bool = False           # draw η per step and per image instead of per step
+    plus_step_weights: Optional[tuple[float, ...]] = None  # R0+: P(k) for k = 0..K-1 (None: uniform)
     guidance: float = 1.0                 # classifier-free guidance inside the generator (1: off, one UNet call)
+    cfg_reward_weight: float = 0.0        # weight of the implicit CFG reward (0: off)
+    cfg_reward_t_range: tuple[float, float] = (0.02, 0.98)  # its re-noising levels, fractions of the timesteps
     normalize_gradients: Optional[bool] = None   # None: the reward's own setting (WeightedReward), else True
     grad_clip: float = 1.0
+    adam_beta1: float = 0.9
+    ema_decay: float = 0.0                # EMA of the trained weights, saved instead of them (0: off)
     seed: int = 0
     height: Optional[int] = None
     width: Optional[int] = None
@@ -67,10 +88,26 @@ class R0Config:
             raise ValueError(f"eta_range={self.eta_range}; expected 0 <= low <= high <= 1")
         if self.iterations < 1 or self.batch_size < 1 or self.steps < 1:
             raise ValueError("iterations, batch_size and steps must be at least 1")
+        ImplicitCFG(self.cfg_reward_weight, self.cfg_reward_t_range)  # validates both
+        if self.plus_step_weights is not None:
+            w = self.plus_step_weights
+            if len(w) != self.steps or not all(math.isfinite(v) and v >= 0 for v in w) or not sum(w) > 0:
+                raise ValueError(f"plus_step_weights={w}; expected {self.steps} weights >= 0 (one per sampler "
+                                 f"step k = 0..{self.steps - 1}), not all 0")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay={self.ema_decay}; expected 0 <= ema_decay < 1 (0: no EMA)")
+        if not 0 <= self.adam_beta1 < 1:
+            raise ValueError(f"adam_beta1={self.adam_beta1}; expected 0 <= adam_beta1 < 1")
+
+    @property
+    def implicit_cfg(self) -> Optional[ImplicitCFG]:
+        return ImplicitCFG(self.cfg_reward_weight, self.cfg_reward_t_range) if self.cfg_reward_weight else None
 
     def fingerprint(self) -> str:
-        """What a resumed run must share with the saved one to continue it exactly."""
-        keep = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("iterations", "checkpoint_every")}
+        """What a resumed run must share with the saved one to continue it exactly. Options added later are left
+        out at the value that reproduces the earlier trainer, so runs saved before them still resume."""
+        keep = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("iterations", "checkpoint_every")
+                and not (k in LATER_OPTIONS and v == LATER_OPTIONS[k])}
         return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -95,47 +132,77 @@ def _rng(config: R0Config, iteration: int, process: int) -> torch.Generator:
     return torch.Generator("cpu").manual_seed((config.seed * 1_000_003 + iteration) * 64 + process)
 
 
-def generator_images(pipe, model, config: R0Config, prompts: list[str], gen: torch.Generator) -> torch.Tensor:
-    """Images [B, 3, H, W] in 0..1 from the K-step generator, differentiable w.r.t. the trainable weights."""
-    with torch.no_grad():
-        cond, uncond = encode_prompts(pipe, prompts, config.guidance)
-    sigmas = scheduler_sigmas(pipe.scheduler, config.steps).to(cond.device)
-    shape = latent_shape(pipe, len(prompts), config.height, config.width)
+def generator_latents(model, config: R0Config, cond, uncond, shape, sigmas, gen: torch.Generator) -> torch.Tensor:
+    """Clean latents [B, C, h, w] from the K-step generator, differentiable w.r.t. the trainable weights."""
     lo, hi = config.eta_range
-    etas = lo + (hi - lo) * torch.rand(config.steps, generator=gen)
-    k = int(torch.randint(config.steps, (1,), generator=gen)) if config.mode == "r0+" else config.steps
+    etas = lo + (hi - lo) * torch.rand(config.steps, *(shape[:1] if config.eta_per_image else ()), generator=gen)
+    if config.mode == "r0+":
+        weights = config.plus_step_weights
+        k = int(torch.multinomial(torch.tensor(weights, dtype=torch.float), 1, generator=gen) if weights
+                else torch.randint(config.steps, (1,), generator=gen))
     x = start_latents(torch.randn(shape, generator=gen).to(cond), sigmas)
     noise = lambda sigma, sigma_next: torch.randn(shape, generator=gen).to(cond)  # noqa: E731
     extra = {"cond": cond, "uncond": uncond, "guidance": config.guidance}
     if config.mode == "r0":
-        latents = sample_r0(model, x, sigmas, extra, eta=etas, noise_sampler=noise, disable=True)
-    else:
-        if k > 0:  # R0+: the path to step k carries no gradient
-            with torch.no_grad():
-                x = sample_r0(model, x, sigmas[:k + 1], extra, eta=etas[:k], noise_sampler=noise, disable=True)
-        latents = model(x, sigmas[k] * x.new_ones(len(x)), **extra)  # x̂0 at step k
-    return (checkpointed(decode) if config.gradient_checkpointing else decode)(pipe, latents)
+        return sample_r0(model, x, sigmas, extra, eta=etas, noise_sampler=noise, disable=True)
+    if k > 0:  # R0+: the path to step k carries no gradient
+        with torch.no_grad():
+            x = sample_r0(model, x, sigmas[:k + 1], extra, eta=etas[:k], noise_sampler=noise, disable=True)
+    return model(x, sigmas[k] * x.new_ones(len(x)), **extra)  # x̂0 at step k
 
 
-def reward_loss(reward: RewardModel, images: torch.Tensor, prompts: list[str], normalize: bool):
-    """(loss, per-scorer mean rewards). Normalised: −Σ_i w_i <ĝ_i, x> / B, so each reward pushes with unit
-    strength per image whatever its scale; else −mean Σ_i w_i r_i."""
-    weighted = reward if isinstance(reward, WeightedReward) else WeightedReward([reward])
-    if normalize:
-        loss, scores = weighted.r0_surrogate(images, prompts)
-        return loss / len(images), scores.mean(1)
-    scores = torch.stack([s(images, prompts) for s in weighted.scorers])
-    loss = -sum(w * s.mean() for w, s in zip(weighted.weights, scores))
-    return loss, scores.detach().mean(1)
+def reward_loss(reward: Optional[RewardModel], images: torch.Tensor, prompts: list[str], normalize: bool,
+                cfg: Optional[ImplicitCFG] = None, latents: Optional[torch.Tensor] = None,
+                cfg_direction: Optional[torch.Tensor] = None):
+    """(loss, per-reward mean scores). Normalised: −Σ_i w_i <ĝ_i, x> / B, so each reward pushes with unit
+    strength per image whatever its scale; else −mean Σ_i w_i r_i. The implicit CFG reward, given its direction
+    d on the latents, adds −w <d̂, latents> / B (normalised) or −w <d, latents> / B, and reports its CFG gap."""
+    loss, scores = images.new_zeros(()), []
+    if reward is not None:
+        weighted = reward if isinstance(reward, WeightedReward) else WeightedReward([reward])
+        if normalize:
+            surrogate, per_image = weighted.r0_surrogate(images, prompts)
+            loss, scores = surrogate / len(images), list(per_image.mean(1))
+        else:
+            per_image = torch.stack([s(images, prompts) for s in weighted.scorers])
+            loss = -sum(w * s.mean() for w, s in zip(weighted.weights, per_image))
+            scores = list(per_image.detach().mean(1))
+    if cfg is not None:
+        loss = loss + cfg.surrogate(cfg_direction, latents, normalize) / len(latents)
+        scores.append(cfg.gap(cfg_direction).mean())
+    return loss, torch.stack(scores)
+
+
+@contextlib.contextmanager
+def pretrained(trainable: "Trainable"):
+    """The UNet as it was before training, for the implicit CFG reward: LoRA adapters switched off while
+    inside, or the frozen copy a full fine-tune keeps."""
+    if trainable.full:
+        yield trainable.frozen
+        return
+    trainable.unet.disable_lora()
+    try:
+        yield trainable.unet
+    finally:
+        trainable.unet.enable_lora()
+
+
+def reward_names(reward: Optional[RewardModel], cfg: Optional[ImplicitCFG]) -> list[str]:
+    """Names of the scores a trainer logs, in order: each reward's, then the implicit CFG reward's gap."""
+    scorers = [] if reward is None else reward.scorers if isinstance(reward, WeightedReward) else [reward]
+    return [type(s).__name__ for s in scorers] + (["implicit CFG gap (RMS)"] if cfg is not None else [])
 
 
 class Trainable:
     """The weights R0 moves (a LoRA adapter, or the whole UNet) and their pull towards the pretrained ones."""
 
-    def __init__(self, unet, config: R0Config, adapter: str):
+    def __init__(self, unet, config, adapter: str, keep_pretrained: bool = False):
         self.unet, self.full, self.adapter = unet, config.lora_rank == 0, adapter
         unet.requires_grad_(False)
         if self.full:
+            # keep_pretrained: a frozen copy for whoever asks the pretrained UNet (2x the UNet's memory); a
+            # LoRA's pretrained UNet is the same one with the adapter off
+            self.frozen = copy.deepcopy(unet).eval() if keep_pretrained else None
             unet.float().requires_grad_(True)  # fp32 master weights: bf16 steps would round small updates away
             self.params = list(unet.parameters())
             self.initial = [p.detach().clone() for p in self.params]
@@ -223,7 +290,49 @@ def load_state(state_path: str, fingerprint: str) -> Optional[dict]:
     return saved
 
 
-def train_r0(pipe, reward: RewardModel, config: R0Config, out_dir: str, lora_path: Optional[str] = None,
+def run_iterations(config, trainable: Trainable, optimizer, accelerator, out_dir: str,
+                   step: Callable[[int, torch.Generator], dict], callback: Optional[Callable[[dict], None]] = None,
+                   extra: Optional[dict] = None) -> tuple[list[dict], bool]:
+    """The loop every trainer shares. Resumes from out_dir/trainer_state.pt when it holds a run of this
+    config (its fingerprint), then calls step(iteration, gen) -> that iteration's history entry for each
+    iteration left, with gen seeded by (seed, iteration, process) so a resumed run repeats what an uninterrupted
+    one would have done. Saves the state (trainable weights, optimizer, `extra` objects with state_dict, the
+    history) every config.checkpoint_every iterations and at the end. callback({"i", "total", **entry}) after
+    each iteration; raising Cancelled there saves the state and stops. Returns (history, cancelled)."""
+    extra = extra or {}
+    state_path = os.path.join(out_dir, "trainer_state.pt")
+    start, history = 0, []
+    saved = load_state(state_path, config.fingerprint())
+    if saved is not None:
+        trainable.load_state_dict(saved["trainable"])
+        optimizer.load_state_dict(saved["optimizer"])
+        for key, item in extra.items():
+            item.load_state_dict(saved[key])
+        start, history = saved["iteration"], json.loads(saved["history"])
+
+    def save_state(iteration):
+        if accelerator.is_main_process:
+            atomic_save({"fingerprint": config.fingerprint(), "iteration": iteration,
+                         "trainable": trainable.state_dict(), "optimizer": optimizer.state_dict(),
+                         **{key: item.state_dict() for key, item in extra.items()},
+                         "history": json.dumps(history)}, state_path)
+
+    for iteration in range(start, config.iterations):
+        history.append(step(iteration, _rng(config, iteration, accelerator.process_index)))
+        if (iteration + 1) % config.checkpoint_every == 0:
+            save_state(iteration + 1)
+        try:
+            if callback is not None:
+                callback({"i": iteration, "total": config.iterations,
+                          **{k: v for k, v in history[-1].items() if k != "iteration"}})
+        except Cancelled:
+            save_state(iteration + 1)
+            return history, True
+    save_state(config.iterations)
+    return history, False
+
+
+def train_r0(pipe, reward: Optional[RewardModel], config: R0Config, out_dir: str, lora_path: Optional[str] = None,
              callback: Optional[Callable[[dict], None]] = None, accelerator=None, adapter: str = "r0") -> TrainResult:
     """Train, checkpointing to out_dir every `checkpoint_every` iterations and resuming from it if present.
     The LoRA is trained as adapter `adapter` of pipe.unet (left active) and saved to lora_path.
@@ -232,6 +341,9 @@ def train_r0(pipe, reward: RewardModel, config: R0Config, out_dir: str, lora_pat
     accelerator = accelerator or make_accelerator(config.mixed_precision, pipe.unet.device)
     os.makedirs(out_dir, exist_ok=True)
     lora_path = lora_path or os.path.join(out_dir, "r0_lora.safetensors")
+    if reward is None and not config.cfg_reward_weight:
+        raise ValueError("reward is None and cfg_reward_weight is 0: nothing to maximise; pass a reward "
+                         "(load_reward, or a WeightedReward of several) or a cfg_reward_weight > 0")
     normalize = config.normalize_gradients
     if normalize is None:
         normalize = getattr(reward, "normalize_gradients", True)
@@ -242,61 +354,56 @@ def train_r0(pipe, reward: RewardModel, config: R0Config, out_dir: str, lora_pat
     with torch.inference_mode(False), torch.enable_grad():  # ComfyUI runs nodes in inference mode
         pipe.vae.requires_grad_(False)
         pipe.text_encoder.requires_grad_(False)
-        trainable = Trainable(pipe.unet, config, adapter)
-        optimizer = torch.optim.AdamW(trainable.params, lr=config.lr, weight_decay=0.0)
+        trainable = Trainable(pipe.unet, config, adapter, keep_pretrained=config.cfg_reward_weight > 0)
+        optimizer = torch.optim.AdamW(trainable.params, lr=config.lr, betas=(config.adam_beta1, 0.999),
+                                      weight_decay=0.0)
+        ema = EMAModel(trainable.params, decay=config.ema_decay) if config.ema_decay else None
         unet, optimizer = accelerator.prepare(pipe.unet, optimizer)
-        denoiser = DiffusersDenoiser(unet, pipe.scheduler.alphas_cumprod,
-                                     pipe.scheduler.config.get("prediction_type", "epsilon"))
+        alphas_cumprod = pipe.scheduler.alphas_cumprod
+        prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
+        denoiser = DiffusersDenoiser(unet, alphas_cumprod, prediction)
         model = checkpointed(denoiser) if config.gradient_checkpointing else denoiser
+        cfg = config.implicit_cfg
+        sigmas = scheduler_sigmas(pipe.scheduler, config.steps).to(unet.device)
+        shape = latent_shape(pipe, config.batch_size, config.height, config.width)
 
-        state_path = os.path.join(out_dir, "trainer_state.pt")
-        start, history = 0, []
-        saved = load_state(state_path, config.fingerprint())
-        if saved is not None:
-            trainable.load_state_dict(saved["trainable"])
-            optimizer.load_state_dict(saved["optimizer"])
-            start, history = saved["iteration"], json.loads(saved["history"])
-
-        def save_state(iteration):
-            if accelerator.is_main_process:
-                atomic_save({"fingerprint": config.fingerprint(), "iteration": iteration,
-                             "trainable": trainable.state_dict(), "optimizer": optimizer.state_dict(),
-                             "history": json.dumps(history)}, state_path)
-
-        cancelled = False
-        for iteration in range(start, config.iterations):
-            gen = _rng(config, iteration, accelerator.process_index)
+        def step(iteration: int, gen: torch.Generator) -> dict:
             picks = torch.randint(len(config.prompts), (config.batch_size,), generator=gen).tolist()
             prompts = [config.prompts[i] for i in picks]
+            with torch.no_grad():
+                cond, uncond = encode_prompts(pipe, prompts, config.guidance, with_uncond=cfg is not None)
             unet.train()
             with accelerator.autocast():
-                images = generator_images(pipe, model, config, prompts, gen)
-                loss, rewards = reward_loss(reward, images, prompts, normalize)
+                latents = generator_latents(model, config, cond, uncond if config.guidance != 1 else None,
+                                            shape, sigmas, gen)
+                images = (checkpointed(decode) if config.gradient_checkpointing else decode)(pipe, latents)
+                direction = None
+                if cfg is not None:
+                    with pretrained(trainable) as base_unet:
+                        direction = cfg.direction(DiffusersDenoiser(base_unet, alphas_cumprod, prediction),
+                                                  latents, cond, uncond, alphas_cumprod, gen)
+                loss, rewards = reward_loss(reward, images, prompts, normalize, cfg, latents, direction)
                 reg = config.reg_weight * trainable.delta_norm2()
             accelerator.backward(loss + reg)
             if config.grad_clip:
                 accelerator.clip_grad_norm_(trainable.params, config.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            history.append({"iteration": iteration + 1, "loss": float(loss.detach()), "reg": float(reg.detach()),
-                            "rewards": [float(r) for r in rewards]})
-            if (iteration + 1) % config.checkpoint_every == 0:
-                save_state(iteration + 1)
-            try:
-                if callback is not None:
-                    callback({"i": iteration, "total": config.iterations, "loss": history[-1]["loss"],
-                              "rewards": history[-1]["rewards"]})
-            except Cancelled:
-                cancelled = True
-                save_state(iteration + 1)
-                break
-        else:
-            save_state(config.iterations)
+            if ema is not None:
+                ema.step(trainable.params)  # diffusers' EMA: decay min(ema_decay, (1 + n) / (10 + n)) at update n
+            return {"iteration": iteration + 1, "loss": float(loss.detach()), "reg": float(reg.detach()),
+                    "rewards": [float(r) for r in rewards]}
+
+        history, cancelled = run_iterations(config, trainable, optimizer, accelerator, out_dir, step, callback,
+                                            {"ema": ema} if ema is not None else {})
 
         unet.eval()
         accelerator.unwrap_model(unet)
+        if ema is not None:
+            ema.copy_to(trainable.params)  # what is saved and left in the pipeline: the averaged weights
         steps = [h["iteration"] for h in history]
-        rewards = {f"reward {j + 1}": (steps, [h["rewards"][j] for h in history])
+        names = reward_names(reward, cfg)
+        rewards = {names[j]: (steps, [h["rewards"][j] for h in history])
                    for j in range(len(history[0]["rewards"]) if history else 0)}
         curve = save_curve(os.path.join(out_dir, "curve.png"), rewards,
                            {"loss": (steps, [h["loss"] for h in history]),
@@ -331,30 +438,38 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny", help="tiny, a diffusers folder or a single-file checkpoint")
     parser.add_argument("--tokenizer-dir", help="CLIP tokenizer folder, for single-file checkpoints")
-    parser.add_argument("--reward", action="append", required=True,
-                        help="family:path[:support][@weight]; repeat to combine rewards")
+    parser.add_argument("--reward", action="append", default=[],
+                        help="family:path[:support][@weight]; repeat to combine rewards (normalised gradients)")
     parser.add_argument("--prompts", required=True, help="a text file, one prompt per line")
     parser.add_argument("--out", required=True, help="folder for checkpoints, the curve and the LoRA")
+    special = ("prompts", "eta_range", "normalize_gradients", "plus_step_weights", "cfg_reward_t_range")
     for f in dataclasses.fields(R0Config):
-        if f.name in ("prompts", "eta_range", "normalize_gradients"):
+        if f.name in special:
             continue
         value = getattr(defaults, f.name)
         kind = type(value) if value is not None else int
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind if kind is not bool else
                             lambda s: s.lower() in ("1", "true", "yes"), default=value)
     parser.add_argument("--eta-range", type=float, nargs=2, default=defaults.eta_range)
+    parser.add_argument("--plus-step-weights", type=float, nargs="+", help="R0+: P(k), one weight per step")
+    parser.add_argument("--cfg-reward-t-range", type=float, nargs=2, default=defaults.cfg_reward_t_range,
+                        help="implicit CFG reward: re-noising levels as fractions of the training timesteps")
     parser.add_argument("--no-normalize", action="store_true", help="plain weighted reward sum")
     args = parser.parse_args(argv)
+    if not args.reward and not args.cfg_reward_weight:
+        parser.error("give at least one --reward, or --cfg-reward-weight > 0 (the implicit CFG reward)")
 
-    fields = {f.name for f in dataclasses.fields(R0Config)} - {"prompts", "eta_range", "normalize_gradients"}
+    fields = {f.name for f in dataclasses.fields(R0Config)} - set(special)
     config = R0Config(prompts=read_prompts(args.prompts), eta_range=tuple(args.eta_range),
+                      plus_step_weights=tuple(args.plus_step_weights) if args.plus_step_weights else None,
+                      cfg_reward_t_range=tuple(args.cfg_reward_t_range),
                       normalize_gradients=not args.no_normalize, **{k: getattr(args, k) for k in fields})
     precision = config.mixed_precision
     accelerator = Accelerator(mixed_precision=None if precision == "auto" else precision)
     pipe = load_pipeline(args.model, device=accelerator.device, tokenizer_dir=args.tokenizer_dir)
     rewards = [parse_reward(spec) for spec in args.reward]
-    reward = WeightedReward([r for r, _ in rewards], [w for _, w in rewards])
-    for scorer in reward.scorers:
+    reward = WeightedReward([r for r, _ in rewards], [w for _, w in rewards]) if rewards else None
+    for scorer in reward.scorers if reward is not None else []:
         scorer.to(accelerator.device)
     result = train_r0(pipe, reward, config, args.out, accelerator=accelerator)
     if accelerator.is_main_process:

@@ -57,6 +57,10 @@ def test_score_gives_one_float_per_image_and_a_table(tiny_clip):
     scores, text = score(tiny_clip, images, "\n".join(captions), 16, False)
     assert len(scores) == 7 and all(isinstance(s, float) for s in scores)
     assert len(text.splitlines()) == 8 and captions[3] in text
+    # the rank column ranks by score (1 = best), rows stay in image order
+    ranks = [int(line.split()[0]) for line in text.splitlines()[1:]]
+    assert sorted(ranks) == list(range(1, 8)) and ranks[int(np.argmax(scores))] == 1
+    assert [int(line.split()[1]) for line in text.splitlines()[1:]] == list(range(7))
     # chunked scoring (3 at a time) gives the same scores as one batch
     chunked, _ = score(tiny_clip, images, "\n".join(captions), 3, False)
     assert np.allclose(scores, chunked, atol=1e-4)

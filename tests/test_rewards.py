@@ -174,3 +174,19 @@ def test_aesthetic_head_equals_the_linear_stack(random_clip, tmp_path):
     torch.save({"layers.0.weight": torch.zeros(1)}, tmp_path / "other.pth")
     with pytest.raises(ValueError, match="lacks layers.0.bias"):
         AestheticScore.from_pretrained(str(random_clip), str(tmp_path / "other.pth"))
+
+
+def test_preprocess_truncates_the_long_side_as_torchvision_and_transformers_do():
+    # 384 x 512 to a 224 short side: the long side is int(224 * 512 / 384) = 298 (round() would give 299)
+    images = torch.rand(1, 3, 384, 512, generator=torch.Generator().manual_seed(0))
+    out = base.preprocess(images, 224, [0, 0, 0], [1, 1, 1])
+    resized = torch.nn.functional.interpolate(images, size=(224, 298), mode="bicubic", antialias=True,
+                                              align_corners=False)
+    assert torch.allclose(out, resized[..., :, 37:37 + 224], atol=1e-6)
+    tall = base.preprocess(images.transpose(-1, -2), 224, [0, 0, 0], [1, 1, 1])
+    assert torch.allclose(tall, out.transpose(-1, -2), atol=1e-6)
+    # and the processor that made the official preprocessing says the same size
+    processor = CLIPImageProcessor(size={"shortest_edge": 224}, do_center_crop=False, do_normalize=False,
+                                   do_rescale=False)
+    shape = processor(images=np.zeros((384, 512, 3), np.float32), return_tensors="np")["pixel_values"].shape
+    assert shape[-2:] == (224, 298)

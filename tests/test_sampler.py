@@ -73,6 +73,8 @@ def test_same_seed_same_image_whatever_the_batch(pipe):
     assert torch.allclose(images[1], alone[0], atol=1e-5)
     other, _ = generate(pipe, PROMPTS, steps=4, eta=0.5, guidance=2.0, seeds=[5, 6])
     assert not torch.allclose(images, other)
+    # plain tensors, even with the pipeline's weights trainable (as the README's snippet uses them)
+    assert not images.requires_grad and images.numpy().shape == (2, 3, 32, 32)
 
 
 def test_callback_sees_every_step_and_can_cancel(pipe):

@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from nodes import bridge
 from nodes.r0_nodes import R0FewStepGenerate, get_pipeline
@@ -21,11 +22,11 @@ def folders(tmp_path, monkeypatch):
     return tmp_path
 
 
-def train(save_name, steps=2):
+def train(save_name, steps=2, **recipe):
     reward = RewardLoader().load("clip", "tiny", BESIDE, "cpu", "fp32")[0]
     with torch.inference_mode():  # as ComfyUI runs nodes
         return R0Train().train(get_pipeline("tiny"), reward, PROMPTS, steps, 1e-3, 4, 0.01, 0.0, 1.0, "r0+", 0,
-                               save_name, 2, 4, 1.0, 32, 32)
+                               save_name, 2, 4, 1.0, 32, 32, **recipe)
 
 
 def generate(pipeline):
@@ -43,6 +44,13 @@ def test_train_then_apply_the_saved_lora(folders):
     (applied,) = R0ApplyLoRA().apply(get_pipeline("tiny"), "node_run.safetensors", 1.0)
     assert torch.allclose(generate(applied), trained, atol=1e-5)
     assert R0Train.IS_CHANGED() != R0Train.IS_CHANGED()  # never served from ComfyUI's cache
+
+
+def test_train_with_the_implicit_cfg_reward_and_ema(folders):
+    _, plain, _ = train("plain")
+    _, recipe, _ = train("recipe", cfg_reward_weight=1.0, eta_per_image=True, ema_decay=0.5)
+    a, b = load_file(plain), load_file(recipe)
+    assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)
 
 
 def test_cancel_keeps_a_partial_lora_and_says_where(folders, monkeypatch, capsys):

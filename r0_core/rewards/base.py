@@ -67,8 +67,13 @@ def preprocess(images: torch.Tensor, size: int | tuple[int, int], mean: Sequence
     if isinstance(size, tuple):
         new_h, new_w = size
     else:
-        scale = size / min(h, w)
-        new_h, new_w = max(round(h * scale), crop or size), max(round(w * scale), crop or size)
+        # the short side to `size`, the long one to int(size · long / short), truncated as torchvision's
+        # Resize and the transformers image processors compute it (round() gives 299 rows for 512x384 where they
+        # give 298)
+        short, long = min(h, w), max(h, w)
+        resized = (size, int(size * long / short))
+        new_h, new_w = resized if h <= w else resized[::-1]
+        new_h, new_w = max(new_h, crop or size), max(new_w, crop or size)
     if (new_h, new_w) != (h, w):
         images = F.interpolate(images, size=(new_h, new_w), mode=mode, antialias=True, align_corners=False)
     if crop is not None or not isinstance(size, tuple):
