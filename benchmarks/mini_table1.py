@@ -268,6 +268,9 @@ def lcm_iterations(args, budget: float) -> int:
 # ----------------------------------------------------------------------------------------------- report
 
 METRICS = FIELDS + REWARDS + ("diversity",)
+HEADERS = {"correct": "accuracy", "objects_correct": "objects right", "valid": "validity", "clip": "tiny CLIP",
+           "hpsv2": "tiny HPS", "image_reward": "tiny ImageReward", "aesthetic": "tiny aesthetic",
+           "diversity": "diversity"}
 
 
 def summarize_row(row: dict, groups: dict, base: dict) -> dict:
@@ -300,14 +303,16 @@ def markdown(report: dict) -> str:
              f"chosen on the validation half: lr {report['chosen']['lr']:g}, implicit CFG weight "
              f"{report['chosen']['cfg_reward_weight']:g}, {report['chosen']['iterations']} iterations."]
     for kind, title in (("pair", "Two objects with a relation"), ("positioned", "One object with a position")):
-        lines += ["", f"**{title}**", "", "| row | NFE | train s | " + " | ".join(METRICS) + " |",
-                  "|---|---|---|" + "---|" * len(METRICS)]
+        lines += ["", f"**{title}**", "", "| row | NFE | train s | " + " | ".join(HEADERS[m] for m in METRICS)
+                  + " | accuracy over training seeds |", "|---|---|---|" + "---|" * (len(METRICS) + 1)]
         for name, row in report["rows"].items():
             first = row["seeds"][min(row["seeds"])][kind]
             secs = row["train_seconds"]
             secs = "" if not secs else f"{np.mean(list(secs.values())):.0f}"
+            spread = row.get("across_seeds", {}).get(kind, {}).get("correct")
+            spread = (f"{spread['mean']:.1%} ({spread['min']:.1%}–{spread['max']:.1%})" if spread else "")
             lines.append(f"| {name} | {row['nfe_text'] or row['nfe']} | {secs} | "
-                         + " | ".join(fmt(first[m], m) for m in METRICS) + " |")
+                         + " | ".join(fmt(first[m], m) for m in METRICS) + f" | {spread} |")
     lines += ["", "Paired differences of two-object accuracy (points, per training seed):", "",
               "| row | seed | " + " | ".join(f"vs {b}" for b in PAIRED_WITH) + " |",
               "|---|---|" + "---|" * len(PAIRED_WITH)]
