@@ -2,7 +2,6 @@
 Node ids and the order of their inputs are a public API: append, never reorder."""
 from __future__ import annotations
 
-import os
 
 import torch
 
@@ -14,7 +13,7 @@ from rpo_core.train import RPOConfig, train_rpo
 from . import bridge
 from .r0_nodes import PIPELINE
 from .reward_nodes import REWARD
-from .train_nodes import LORAS, read_png, safe_name, with_lora
+from .train_nodes import read_png, train_into, with_lora
 
 TINY_PREFIX = "tiny/"   # the built-in tiny world's subjects, listed beside the input folder's sub-folders
 
@@ -93,6 +92,10 @@ class RPOTrain:
             "sampler_steps": ("INT", {"default": 4, "min": 1, "max": 50,
                                       "tooltip": "K for the negatives and validation samples"}),
             "guidance": ("FLOAT", {"default": 2.0, "min": 1.0, "max": 20.0, "step": 0.1}),
+        }, "optional": {
+            "overwrite": ("BOOLEAN", {"default": False, "tooltip": "replace models/loras/<save_name> even if "
+                                                                   "another run (or no run) made it; off: such a "
+                                                                   "run is saved under <save_name>_2, _3, ..."}),
         }}
 
     @classmethod
@@ -100,8 +103,7 @@ class RPOTrain:
         return float("nan")  # always run: a finished run is found on disk and reused, a stopped one resumes
 
     def train(self, pipeline, references, encoder, token, class_name, prompts, steps, lambda_val, beta, tau, lr,
-              lora_rank, validate_every, seed, save_name, preference, sampler_steps, guidance):
-        name = safe_name(save_name)
+              lora_rank, validate_every, seed, save_name, preference, sampler_steps, guidance, overwrite=False):
         pipe = pipeline["pipe"].to(pipeline["device"])
         size = pipe.unet.config.sample_size * pipe.vae_scale_factor
         lines = [p.strip() for p in prompts.splitlines() if p.strip()]
@@ -111,10 +113,9 @@ class RPOTrain:
                            sampler_steps=sampler_steps, guidance=guidance)
         refs = image_batch(references, size)
         lora.use_loras(pipe, pipeline.get("loras", []))
-        lora_path = os.path.join(bridge.folder_roots(LORAS)[0], f"{name}.safetensors")
-        out_dir = os.path.join(bridge.output_dir(), "rpo_train", name)
-        result = train_rpo(pipe, encoder, refs, config, out_dir, lora_path, bridge.cancellable_progress(steps),
-                           adapter=name)
+        name, result = train_into("RPO Train", "rpo", save_name, overwrite, lambda name, lora_path, out_dir, replace:
+                                  train_rpo(pipe, encoder, refs, config, out_dir, lora_path,
+                                            bridge.cancellable_progress(steps), adapter=name, overwrite=replace))
         if result.cancelled:
             print(f"[RPO Train] cancelled after {len(result.history)} of {steps} steps; the best LoRA so far "
                   f"(step {result.best_iteration}) saved to {result.lora_path}; queue again to resume")

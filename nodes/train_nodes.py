@@ -11,7 +11,7 @@ import torch
 
 from r0_core import lora
 from r0_core.test_time import refine_noise
-from r0_core.train import R0Config, train_r0
+from r0_core.train import OtherRun, R0Config, train_r0
 
 from . import bridge
 from .r0_nodes import PIPELINE
@@ -25,11 +25,43 @@ def with_lora(pipeline: dict, name: str, weight: float) -> dict:
     return {**pipeline, "loras": [(n, w) for n, w in pipeline.get("loras", []) if n != name] + [(name, weight)]}
 
 
-def safe_name(text: str) -> str:
-    name = re.sub(r"[^A-Za-z0-9_\-]", "_", text.strip()).strip("_")
-    if not name:
-        raise ValueError(f"save_name {text!r}: expected letters, digits, '_' or '-' (the LoRA's file name)")
+def safe_name(text: str, what: str = "save_name") -> str:
+    """A LoRA name as given, if it is 1-100 letters, digits, '_' or '-': other text is refused, not mapped, so
+    two different names never share a file."""
+    name = text.strip() if isinstance(text, str) else ""
+    if not re.fullmatch(r"[A-Za-z0-9_\-]{1,100}", name):
+        suggestion = re.sub(r"[^A-Za-z0-9_\-]", "_", name)[:100].strip("_") or "my_lora"
+        raise ValueError(f"{what}={text!r}: expected 1 to 100 letters, digits, '_' or '-' (it names the LoRA file "
+                         f"in models/loras), e.g. {suggestion!r}")
     return name
+
+
+def train_into(node: str, family: str, save_name: str, overwrite: bool, run):
+    """Run a trainer node's `run(name, lora_path, out_dir)` under save_name, never replacing what another run
+    made: a LoRA file no run of this node made (FileExistsError) or a run with other settings, model, rewards or
+    references in the same folder (OtherRun) moves this run to save_name_2, _3, ... and says so, unless overwrite
+    (then that file is replaced and that run started over). Returns (name, run's result)."""
+    base = safe_name(save_name)
+    loras = bridge.folder_roots(LORAS)[0]
+    for n in range(1, 1000):
+        name = base if n == 1 else f"{base}_{n}"
+        lora_path = os.path.join(loras, f"{name}.safetensors")
+        out_dir = os.path.join(bridge.output_dir(), f"{family}_train", name)
+        try:
+            result = run(name, lora_path, out_dir, overwrite and n == 1)
+        except (FileExistsError, OtherRun) as taken:
+            if overwrite and n == 1 and isinstance(taken, OtherRun):
+                os.remove(os.path.join(out_dir, "trainer_state.pt"))
+                print(f"[{node}] overwrite: starting {out_dir} over ({taken})")
+                return name, run(name, lora_path, out_dir, True)
+            continue
+        if n > 1:
+            print(f"[{node}] models/loras/{base}.safetensors belongs to another run (or is not a trained run's); "
+                  f"this run is saved as {name}.safetensors. Set overwrite to replace {base} instead.")
+        elif overwrite:
+            print(f"[{node}] overwrite: {lora_path} is replaced by this run")
+        return name, result
+    raise FileExistsError(f"save_name={save_name!r}: {base} and 998 numbered names are taken; choose another")
 
 
 def read_png(path: str) -> torch.Tensor:
@@ -82,6 +114,9 @@ class R0Train:
             "eta_per_image": ("BOOLEAN", {"default": False, "tooltip": "draw η per image as well as per step"}),
             "ema_decay": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 0.9999, "step": 0.001,
                                     "tooltip": "save an exponential moving average of the LoRA; 0 = off"}),
+            "overwrite": ("BOOLEAN", {"default": False, "tooltip": "replace models/loras/<save_name> even if "
+                                                                   "another run (or no run) made it; off: such a "
+                                                                   "run is saved under <save_name>_2, _3, ..."}),
         }}
 
     @classmethod
@@ -90,18 +125,16 @@ class R0Train:
 
     def train(self, pipeline, reward_model, prompts, steps, lr, lora_rank, reg_weight, eta_min, eta_max, mode, seed,
               save_name, batch_size, sampler_steps, guidance, width, height, cfg_reward_weight=0.0,
-              eta_per_image=False, ema_decay=0.0):
-        name = safe_name(save_name)
+              eta_per_image=False, ema_decay=0.0, overwrite=False):
         config = R0Config(prompts=[p.strip() for p in prompts.splitlines() if p.strip()], iterations=steps, lr=lr,
                           lora_rank=lora_rank, reg_weight=reg_weight, eta_range=(eta_min, eta_max), mode=mode,
                           seed=seed, batch_size=batch_size, steps=sampler_steps, guidance=guidance, width=width,
                           height=height, cfg_reward_weight=cfg_reward_weight, eta_per_image=eta_per_image,
                           ema_decay=ema_decay)
-        lora_path = os.path.join(bridge.folder_roots(LORAS)[0], f"{name}.safetensors")
-        out_dir = os.path.join(bridge.output_dir(), "r0_train", name)
         pipe = pipeline["pipe"].to(pipeline["device"])
-        result = train_r0(pipe, reward_model, config, out_dir, lora_path, bridge.cancellable_progress(steps),
-                          adapter=name)
+        name, result = train_into("R0 Train", "r0", save_name, overwrite, lambda name, lora_path, out_dir, replace:
+                                  train_r0(pipe, reward_model, config, out_dir, lora_path,
+                                           bridge.cancellable_progress(steps), adapter=name, overwrite=replace))
         if result.cancelled:
             print(f"[R0 Train] cancelled after {len(result.history)} of {steps} steps; partial LoRA saved to "
                   f"{result.lora_path}; queue again to resume")
@@ -124,8 +157,11 @@ class R0ApplyLoRA:
         }}
 
     def apply(self, pipeline, lora_name, strength):
+        if not isinstance(lora_name, str) or not lora_name.strip():
+            raise ValueError(f"lora_name={lora_name!r}: choose a LoRA file from models/loras")
         path = bridge.resolve(LORAS, lora_name)
-        name = lora.load_lora(pipeline["pipe"], path, name=safe_name(os.path.splitext(lora_name)[0]))
+        adapter = re.sub(r"[^A-Za-z0-9_\-]", "_", os.path.splitext(os.path.basename(lora_name))[0]) or "lora"
+        name = lora.load_lora(pipeline["pipe"], path, name=adapter)
         return (with_lora(pipeline, name, strength),)
 
 

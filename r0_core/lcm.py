@@ -30,7 +30,8 @@ import torch
 from .denoisers import DiffusersDenoiser
 from .generate import encode_prompts
 from .schedule import sigmas_from_alphas_cumprod
-from .train import Trainable, TrainResult, make_accelerator, pretrained, run_iterations, save_curve, save_trained
+from .train import (Trainable, TrainResult, check_target, make_accelerator, pretrained, run_fingerprint,
+                    run_iterations, save_curve, save_trained)
 
 SIGMA_DATA = 0.5          # LCM's boundary-condition constants (diffusers' example)
 TIMESTEP_SCALING = 10.0
@@ -83,16 +84,19 @@ def consistency(denoised: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor, t:
 
 def train_lcm(pipe, images: torch.Tensor, prompts: list[str], config: LCMConfig, out_dir: str,
               lora_path: Optional[str] = None, callback: Optional[Callable[[dict], None]] = None,
-              adapter: str = "lcm") -> TrainResult:
+              adapter: str = "lcm", overwrite: bool = False) -> TrainResult:
     """Distil pipe.unet into a few-step LCM-LoRA on (images [N, 3, H, W] in 0..1, one prompt each)."""
     if len(images) != len(prompts) or not len(prompts):
         raise ValueError(f"got {len(images)} images and {len(prompts)} prompts; pass one prompt per image")
     accelerator = make_accelerator(config.mixed_precision, pipe.unet.device)
-    os.makedirs(out_dir, exist_ok=True)
     lora_path = lora_path or os.path.join(out_dir, "lcm_lora.safetensors")
+    check_target(lora_path, out_dir, overwrite)
+    os.makedirs(out_dir, exist_ok=True)
     with torch.inference_mode(False), torch.enable_grad():
         pipe.vae.requires_grad_(False)
         pipe.text_encoder.requires_grad_(False)
+        data = hashlib.sha256(images.detach().float().cpu().numpy().tobytes() + "\n".join(prompts).encode())
+        fingerprint = run_fingerprint(config, pipe.unet, extra=data.hexdigest())
         trainable = Trainable(pipe.unet, config, adapter, keep_pretrained=True)  # the teacher
         optimizer = torch.optim.AdamW(trainable.params, lr=config.lr, weight_decay=0.0)
         unet, optimizer = accelerator.prepare(pipe.unet, optimizer)
@@ -136,7 +140,8 @@ def train_lcm(pipe, images: torch.Tensor, prompts: list[str], config: LCMConfig,
             optimizer.zero_grad(set_to_none=True)
             return {"iteration": iteration + 1, "loss": float(loss.detach()), "reg": float(reg.detach())}
 
-        history, cancelled = run_iterations(config, trainable, optimizer, accelerator, out_dir, step, callback)
+        history, cancelled = run_iterations(config, trainable, optimizer, accelerator, out_dir, fingerprint, step,
+                                            callback)
 
         unet.eval()
         steps = [h["iteration"] for h in history]

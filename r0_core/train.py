@@ -25,11 +25,12 @@ import contextlib
 import copy
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 from diffusers.training_utils import EMAModel
@@ -88,6 +89,15 @@ class R0Config:
             raise ValueError(f"eta_range={self.eta_range}; expected 0 <= low <= high <= 1")
         if self.iterations < 1 or self.batch_size < 1 or self.steps < 1:
             raise ValueError("iterations, batch_size and steps must be at least 1")
+        for name, low in (("lr", 0.0), ("reg_weight", None), ("guidance", 1.0), ("grad_clip", None)):
+            value = getattr(self, name)
+            bad = not isinstance(value, (int, float)) or not math.isfinite(value) or value < (low or 0.0) \
+                or (name == "lr" and value == 0)
+            if bad:
+                raise ValueError(f"{name}={value!r}; expected a finite number "
+                                 f"{'> 0' if name == 'lr' else f'>= {low or 0:g}'}")
+        if self.checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every={self.checkpoint_every}; expected a whole number >= 1")
         ImplicitCFG(self.cfg_reward_weight, self.cfg_reward_t_range)  # validates both
         if self.plus_step_weights is not None:
             w = self.plus_step_weights
@@ -279,22 +289,62 @@ def save_trained(pipe, trainable: Trainable, accelerator, out_dir: str, lora_pat
     return lora.save_lora(pipe.unet, lora_path, adapter, metadata=metadata)
 
 
+class OtherRun(ValueError):
+    """The output folder holds a run made with other settings, another model, other rewards or references."""
+
+
+def weights_fingerprint(*modules, adapters: Sequence[str] = ()) -> str:
+    """A short hash of modules' weights (each tensor's name, shape and two sums; LoRA tensors only for the named
+    `adapters`), so a run resumes only on the model and rewards it started with. About a second for SD 1.5."""
+    h = hashlib.sha256()
+    for module in modules:
+        if module is None:
+            continue
+        for name, tensor in itertools.chain(module.named_parameters(), module.named_buffers()):
+            if ".lora_" in name and not any(f".{a}." in name for a in adapters):
+                continue
+            t, name = tensor.detach(), name.replace(".base_layer", "")   # the same name with or without LoRAs
+            h.update(f"{name}{tuple(t.shape)}{float(t.double().sum()):.6e}{float(t.double().abs().sum()):.6e}"
+                     .encode())
+    return h.hexdigest()[:16]
+
+
+def run_fingerprint(config, *modules, adapters: Sequence[str] = (), extra: str = "") -> str:
+    """What a saved run must match to be resumed: the config's fingerprint, the weights it trains on and scores
+    with (weights_fingerprint) and anything else it depends on (`extra`, e.g. a hash of reference images)."""
+    whole = config.fingerprint() + weights_fingerprint(*modules, adapters=adapters) + extra
+    return hashlib.sha256(whole.encode()).hexdigest()[:16]
+
+
+def check_target(lora_path: Optional[str], out_dir: str, overwrite: bool) -> None:
+    """Refuse to overwrite a LoRA file that no run in out_dir made, unless told to."""
+    if lora_path and os.path.exists(lora_path) and not overwrite \
+            and not os.path.exists(os.path.join(out_dir, "trainer_state.pt")):
+        raise FileExistsError(f"lora_path {lora_path} exists and was not made by the run in {out_dir}; pass "
+                              f"overwrite=True to replace it, or choose another lora_path")
+
+
 def load_state(state_path: str, fingerprint: str) -> Optional[dict]:
-    """A run's saved state if there is one; an error if it was made with other settings."""
+    """A run's saved state if there is one; OtherRun if it was made with other settings, weights or data."""
     if not os.path.exists(state_path):
         return None
-    saved = torch.load(state_path, weights_only=True, map_location="cpu")
-    if saved["fingerprint"] != fingerprint:
-        raise ValueError(f"{os.path.dirname(state_path)} holds a run with other settings; choose another output "
-                         f"folder (save name) or delete {state_path} to start over")
+    try:
+        saved = torch.load(state_path, weights_only=True, map_location="cpu")
+    except Exception as error:   # a file cut short by a kill, or not a trainer state at all
+        raise OtherRun(f"{state_path} cannot be read ({type(error).__name__}: {error}); it is not a complete "
+                       f"trainer state, so the run cannot resume: delete it to start over") from error
+    if saved.get("fingerprint") != fingerprint:
+        raise OtherRun(f"{os.path.dirname(state_path)} holds a run with other settings, another model, other "
+                       f"rewards or other references; choose another output folder (save name) or delete "
+                       f"{state_path} to start over")
     return saved
 
 
-def run_iterations(config, trainable: Trainable, optimizer, accelerator, out_dir: str,
+def run_iterations(config, trainable: Trainable, optimizer, accelerator, out_dir: str, fingerprint: str,
                    step: Callable[[int, torch.Generator], dict], callback: Optional[Callable[[dict], None]] = None,
                    extra: Optional[dict] = None) -> tuple[list[dict], bool]:
-    """The loop every trainer shares. Resumes from out_dir/trainer_state.pt when it holds a run of this
-    config (its fingerprint), then calls step(iteration, gen) -> that iteration's history entry for each
+    """The loop every trainer shares. Resumes from out_dir/trainer_state.pt when it holds the run
+    `fingerprint` names (run_fingerprint), then calls step(iteration, gen) -> that iteration's history entry for each
     iteration left, with gen seeded by (seed, iteration, process) so a resumed run repeats what an uninterrupted
     one would have done. Saves the state (trainable weights, optimizer, `extra` objects with state_dict, the
     history) every config.checkpoint_every iterations and at the end. callback({"i", "total", **entry}) after
@@ -302,7 +352,7 @@ def run_iterations(config, trainable: Trainable, optimizer, accelerator, out_dir
     extra = extra or {}
     state_path = os.path.join(out_dir, "trainer_state.pt")
     start, history = 0, []
-    saved = load_state(state_path, config.fingerprint())
+    saved = load_state(state_path, fingerprint)
     if saved is not None:
         trainable.load_state_dict(saved["trainable"])
         optimizer.load_state_dict(saved["optimizer"])
@@ -312,7 +362,7 @@ def run_iterations(config, trainable: Trainable, optimizer, accelerator, out_dir
 
     def save_state(iteration):
         if accelerator.is_main_process:
-            atomic_save({"fingerprint": config.fingerprint(), "iteration": iteration,
+            atomic_save({"fingerprint": fingerprint, "iteration": iteration,
                          "trainable": trainable.state_dict(), "optimizer": optimizer.state_dict(),
                          **{key: item.state_dict() for key, item in extra.items()},
                          "history": json.dumps(history)}, state_path)
@@ -333,14 +383,18 @@ def run_iterations(config, trainable: Trainable, optimizer, accelerator, out_dir
 
 
 def train_r0(pipe, reward: Optional[RewardModel], config: R0Config, out_dir: str, lora_path: Optional[str] = None,
-             callback: Optional[Callable[[dict], None]] = None, accelerator=None, adapter: str = "r0") -> TrainResult:
+             callback: Optional[Callable[[dict], None]] = None, accelerator=None, adapter: str = "r0",
+             overwrite: bool = False) -> TrainResult:
     """Train, checkpointing to out_dir every `checkpoint_every` iterations and resuming from it if present.
     The LoRA is trained as adapter `adapter` of pipe.unet (left active) and saved to lora_path.
     callback({"i", "total", "loss", "rewards"}) after each iteration; raising Cancelled there stops the run,
-    saves its state (so calling again resumes it) and a partial LoRA beside lora_path."""
+    saves its state (so calling again resumes it) and a partial LoRA beside lora_path.
+    A run resumes only with the same settings, base UNet and rewards (OtherRun otherwise), and never replaces a
+    LoRA file it did not make unless overwrite=True (FileExistsError)."""
     accelerator = accelerator or make_accelerator(config.mixed_precision, pipe.unet.device)
-    os.makedirs(out_dir, exist_ok=True)
     lora_path = lora_path or os.path.join(out_dir, "r0_lora.safetensors")
+    check_target(lora_path, out_dir, overwrite)
+    os.makedirs(out_dir, exist_ok=True)
     if reward is None and not config.cfg_reward_weight:
         raise ValueError("reward is None and cfg_reward_weight is 0: nothing to maximise; pass a reward "
                          "(load_reward, or a WeightedReward of several) or a cfg_reward_weight > 0")
@@ -354,6 +408,8 @@ def train_r0(pipe, reward: Optional[RewardModel], config: R0Config, out_dir: str
     with torch.inference_mode(False), torch.enable_grad():  # ComfyUI runs nodes in inference mode
         pipe.vae.requires_grad_(False)
         pipe.text_encoder.requires_grad_(False)
+        # R0 trains on the base UNet alone (add_lora leaves only the new adapter active)
+        fingerprint = run_fingerprint(config, pipe.unet, reward)
         trainable = Trainable(pipe.unet, config, adapter, keep_pretrained=config.cfg_reward_weight > 0)
         optimizer = torch.optim.AdamW(trainable.params, lr=config.lr, betas=(config.adam_beta1, 0.999),
                                       weight_decay=0.0)
@@ -394,8 +450,8 @@ def train_r0(pipe, reward: Optional[RewardModel], config: R0Config, out_dir: str
             return {"iteration": iteration + 1, "loss": float(loss.detach()), "reg": float(reg.detach()),
                     "rewards": [float(r) for r in rewards]}
 
-        history, cancelled = run_iterations(config, trainable, optimizer, accelerator, out_dir, step, callback,
-                                            {"ema": ema} if ema is not None else {})
+        history, cancelled = run_iterations(config, trainable, optimizer, accelerator, out_dir, fingerprint, step,
+                                            callback, {"ema": ema} if ema is not None else {})
 
         unet.eval()
         accelerator.unwrap_model(unet)

@@ -43,7 +43,8 @@ from r0_core.files import atomic_save
 from r0_core.generate import generate
 from r0_core.rewards import LambdaHarmonic, RewardModel
 from r0_core.sampler import Cancelled
-from r0_core.train import Trainable, load_state, make_accelerator, save_curve, save_trained
+from r0_core.train import (Trainable, check_target, load_state, make_accelerator, run_fingerprint, save_curve,
+                           save_trained)
 
 from .dreambench import strip_token
 
@@ -213,19 +214,22 @@ def frozen_model(pipe, others: list, adapter: str, frozen_unet):
 
 def train_rpo(pipe, encoder: RewardModel, references: torch.Tensor, config: RPOConfig, out_dir: str,
               lora_path: Optional[str] = None, callback: Optional[Callable[[dict], None]] = None,
-              accelerator=None, adapter: str = "rpo") -> RPOResult:
+              accelerator=None, adapter: str = "rpo", overwrite: bool = False) -> RPOResult:
     """Fine-tune pipe.unet on the subject in `references` ([N, 3, H, W] in 0..1 at the model's size), with the
     λ-Harmonic reward on `encoder` (any scorer with image_embeds and text_embeds: CLIP, ALIGN, ...).
     Checkpoints to out_dir and resumes from it; the best validated weights end up in pipe.unet (adapter
     `adapter`, left active) and in lora_path. callback({"i", "total", "loss", ...}) after each iteration;
-    raising Cancelled there saves the state and the best LoRA so far (as *_partial)."""
+    raising Cancelled there saves the state and the best LoRA so far (as *_partial). A run resumes only with the
+    same settings, UNet (with the LoRAs it trains on), encoder and references (OtherRun otherwise), and never
+    replaces a LoRA file it did not make unless overwrite=True (FileExistsError)."""
     if references.ndim != 4 or references.shape[1] != 3 or len(references) < 1:
         raise ValueError(f"references have shape {tuple(references.shape)}; expected [N, 3, H, W] in 0..1 with "
                          f"N >= 1 (rpo_core.references.load_references makes that from image files)")
     device = pipe.unet.device
     accelerator = accelerator or make_accelerator(config.mixed_precision, device)
-    os.makedirs(out_dir, exist_ok=True)
     lora_path = lora_path or os.path.join(out_dir, "rpo_lora.safetensors")
+    check_target(lora_path, out_dir, overwrite)
+    os.makedirs(out_dir, exist_ok=True)
     if any(p.is_inference() for p in pipe.unet.parameters()):
         raise ValueError("the pipeline's weights were made in torch.inference_mode(), so they cannot be trained; "
                          "load it outside inference mode (load_pipeline and the R0 Load Pipeline node do)")
@@ -239,7 +243,10 @@ def train_rpo(pipe, encoder: RewardModel, references: torch.Tensor, config: RPOC
         val_reward = LambdaHarmonic(encoder, config.lambda_val, references.to(on))
 
         # 1-2: negatives, class images and rewards, from the frozen model, before any weight moves
-        others = lora.active_loras(pipe)
+        others = [(n, w) for n, w in lora.active_loras(pipe) if n != adapter]
+        pictures = hashlib.sha256(references.cpu().numpy().tobytes()).hexdigest()
+        fingerprint = run_fingerprint(config, pipe.unet, encoder, adapters=[n for n, _ in others],
+                                      extra=f"{others}{pictures}")
         neg_images, neg_latents, neg_prompts = sample(pipe, config.prompts, config, config.seed * 100_003,
                                                       config.negatives_per_prompt)
         with torch.no_grad():
@@ -272,7 +279,7 @@ def train_rpo(pipe, encoder: RewardModel, references: torch.Tensor, config: RPOC
         state_path = os.path.join(out_dir, "trainer_state.pt")
         start, history, validations = 0, [], []
         best = {"iteration": 0, "score": float("-inf"), "weights": trainable.state_dict()}
-        saved = load_state(state_path, config.fingerprint())
+        saved = load_state(state_path, fingerprint)
         if saved is not None:
             trainable.load_state_dict(saved["trainable"])
             optimizer.load_state_dict(saved["optimizer"])
@@ -282,7 +289,7 @@ def train_rpo(pipe, encoder: RewardModel, references: torch.Tensor, config: RPOC
 
         def save_state(iteration):
             if accelerator.is_main_process:
-                atomic_save({"fingerprint": config.fingerprint(), "iteration": iteration,
+                atomic_save({"fingerprint": fingerprint, "iteration": iteration,
                              "trainable": trainable.state_dict(), "optimizer": optimizer.state_dict(),
                              "history": json.dumps(history), "validations": json.dumps(validations),
                              "best": best["weights"], "best_iteration": best["iteration"],

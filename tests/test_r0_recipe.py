@@ -139,7 +139,11 @@ def test_recipe_settings_are_checked_and_old_runs_keep_their_fingerprint():
                        ({"cfg_reward_t_range": (0.9, 0.1)}, "t_range"),
                        ({"plus_step_weights": (1.0, 0.0)}, "plus_step_weights"),
                        ({"plus_step_weights": (0.0, 0.0, 0.0, 0.0)}, "plus_step_weights"),
-                       ({"ema_decay": 1.0}, "ema_decay"), ({"adam_beta1": -0.1}, "adam_beta1")):
+                       ({"ema_decay": 1.0}, "ema_decay"), ({"adam_beta1": -0.1}, "adam_beta1"),
+                       ({"lr": float("inf")}, "lr"), ({"lr": 0.0}, "lr"), ({"reg_weight": float("nan")}, "reg_weight"),
+                       ({"reg_weight": -1.0}, "reg_weight"), ({"guidance": float("nan")}, "guidance"),
+                       ({"guidance": 0.5}, "guidance"), ({"checkpoint_every": 0}, "checkpoint_every"),
+                       ({"eta_range": (float("nan"), 1.0)}, "eta_range")):
         with pytest.raises(ValueError, match=match):
             R0Config(prompts=PROMPTS, **bad)
     # the options' neutral values leave the fingerprint as the trainer before them made it (runs resume)

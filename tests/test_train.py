@@ -103,3 +103,24 @@ def test_full_fine_tune_moves_the_weights_and_saves_the_unet(reward, tmp_path):
     assert result.lora_path is None and result.history[-1]["reg"] > 0
     assert any(not torch.equal(v, before[k]) for k, v in pipe.unet.state_dict().items())
     assert os.path.isfile(tmp_path / "unet" / "config.json")
+
+
+def test_resume_refuses_another_reward_and_a_broken_state_and_keeps_foreign_files(reward, tmp_path):
+    from r0_core.train import OtherRun
+
+    config = R0Config(prompts=PROMPTS, iterations=2, batch_size=2, checkpoint_every=1)
+    train_r0(fresh_pipe(), reward, config, str(tmp_path / "run"))
+    hps = load_reward("hpsv2", "tiny", device="cpu", dtype=torch.float32)
+    with pytest.raises(OtherRun, match="other rewards"):
+        train_r0(fresh_pipe(), hps, config, str(tmp_path / "run"))
+    state = tmp_path / "run" / "trainer_state.pt"
+    state.write_bytes(state.read_bytes()[:100])          # cut short, as a kill during a save on a full disk
+    with pytest.raises(OtherRun, match="cannot be read.*delete it to start over"):
+        train_r0(fresh_pipe(), reward, config, str(tmp_path / "run"))
+    foreign = tmp_path / "theirs.safetensors"
+    foreign.write_bytes(b"not ours")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        train_r0(fresh_pipe(), reward, config, str(tmp_path / "new"), lora_path=str(foreign))
+    assert foreign.read_bytes() == b"not ours"
+    train_r0(fresh_pipe(), reward, config, str(tmp_path / "new"), lora_path=str(foreign), overwrite=True)
+    assert load_file(foreign)

@@ -22,10 +22,10 @@ def folders(tmp_path, monkeypatch):
     return tmp_path
 
 
-def train(save_name, steps=2, **recipe):
-    reward = RewardLoader().load("clip", "tiny", BESIDE, "cpu", "fp32")[0]
+def train(save_name, steps=2, lr=1e-3, family="clip", **recipe):
+    reward = RewardLoader().load(family, "tiny", BESIDE, "cpu", "fp32")[0]
     with torch.inference_mode():  # as ComfyUI runs nodes
-        return R0Train().train(get_pipeline("tiny"), reward, PROMPTS, steps, 1e-3, 4, 0.01, 0.0, 1.0, "r0+", 0,
+        return R0Train().train(get_pipeline("tiny"), reward, PROMPTS, steps, lr, 4, 0.01, 0.0, 1.0, "r0+", 0,
                                save_name, 2, 4, 1.0, 32, 32, **recipe)
 
 
@@ -75,3 +75,29 @@ def test_test_time_refine_node_returns_refined_and_initial_images(folders):
     with torch.no_grad():
         scores = reward(torch.cat([refined, initial]).permute(0, 3, 1, 2), "a red circle above a blue square")
     assert (scores[:2] >= scores[2:] - 1e-4).all()  # the best iterate is kept, never worse than the start
+
+
+def test_a_lora_the_run_did_not_make_is_never_overwritten(folders, capsys):
+    loras = folders / "models" / "loras"
+    loras.mkdir(parents=True)
+    mine = loras / "portrait.safetensors"
+    mine.write_bytes(b"the user's own LoRA")
+    _, path, _ = train("portrait")
+    assert path == str(loras / "portrait_2.safetensors") and mine.read_bytes() == b"the user's own LoRA"
+    assert "saved as portrait_2.safetensors" in capsys.readouterr().out
+    # the same run queued again is found and reused, not moved to a third name
+    assert train("portrait")[1] == path
+    # another reward, or other settings, under the same name: a new run beside it, the first one kept
+    other_reward = train("portrait", family="hpsv2")[1]
+    other_lr = train("portrait", lr=2e-3)[1]
+    assert {other_reward, other_lr} == {str(loras / "portrait_3.safetensors"), str(loras / "portrait_4.safetensors")}
+    # unless the user says to overwrite
+    _, replaced, _ = train("portrait", overwrite=True)
+    assert replaced == str(mine) and mine.read_bytes() != b"the user's own LoRA"
+    assert "overwrite" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["a/b", "a?b", "", " ", "x" * 101, "a\x00b", "../up"])
+def test_save_names_are_refused_not_mapped(folders, name):
+    with pytest.raises(ValueError, match="save_name"):
+        train(name)
