@@ -27,6 +27,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
 
 from . import lora
 from .denoisers import DiffusersDenoiser
@@ -45,6 +47,8 @@ from .sampler import Cancelled, sample_r0
 from .schedule import scheduler_sigmas
 
 
+
+logger = logging.getLogger(__name__)
 
 # options added after the first trainer, and the value of each that does what the first trainer did
 LATER_OPTIONS = {"eta_per_image": False, "plus_step_weights": None, "cfg_reward_weight": 0.0,
@@ -367,19 +371,28 @@ def run_iterations(config, trainable: Trainable, optimizer, accelerator, out_dir
                          **{key: item.state_dict() for key, item in extra.items()},
                          "history": json.dumps(history)}, state_path)
 
-    for iteration in range(start, config.iterations):
-        history.append(step(iteration, _rng(config, iteration, accelerator.process_index)))
-        if (iteration + 1) % config.checkpoint_every == 0:
-            save_state(iteration + 1)
-        try:
-            if callback is not None:
-                callback({"i": iteration, "total": config.iterations,
-                          **{k: v for k, v in history[-1].items() if k != "iteration"}})
-        except Cancelled:
-            save_state(iteration + 1)
-            return history, True
-    save_state(config.iterations)
-    return history, False
+    bar = tqdm(total=config.iterations, initial=start, desc=os.path.basename(os.path.normpath(out_dir)),
+               unit="it", disable=not accelerator.is_main_process, leave=False)
+    try:
+        for iteration in range(start, config.iterations):
+            history.append(step(iteration, _rng(config, iteration, accelerator.process_index)))
+            entry = {k: v for k, v in history[-1].items() if k != "iteration"}
+            bar.update(1)
+            bar.set_postfix(loss=f"{entry['loss']:.4g}")
+            if (iteration + 1) % config.checkpoint_every == 0:
+                save_state(iteration + 1)
+                logger.info("%s: iteration %d/%d, %s", out_dir, iteration + 1, config.iterations,
+                            ", ".join(f"{k} {v}" for k, v in entry.items()))
+            try:
+                if callback is not None:
+                    callback({"i": iteration, "total": config.iterations, **entry})
+            except Cancelled:
+                save_state(iteration + 1)
+                return history, True
+        save_state(config.iterations)
+        return history, False
+    finally:
+        bar.close()
 
 
 def train_r0(pipe, reward: Optional[RewardModel], config: R0Config, out_dir: str, lora_path: Optional[str] = None,
@@ -512,6 +525,7 @@ def main(argv=None):
                         help="implicit CFG reward: re-noising levels as fractions of the training timesteps")
     parser.add_argument("--no-normalize", action="store_true", help="plain weighted reward sum")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")   # a line per checkpoint, beside the bar
     if not args.reward and not args.cfg_reward_weight:
         parser.error("give at least one --reward, or --cfg-reward-weight > 0 (the implicit CFG reward)")
 
