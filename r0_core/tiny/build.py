@@ -49,6 +49,8 @@ class BuildConfig:
     unet_warmup: int = 300
     ema_decay: float = 0.999
     caption_dropout: float = 0.1  # empty captions, so classifier-free guidance works
+    unet_nonsense_share: float = world.NONSENSE_SHARE       # the UNet's caption variations (the CLIP's are the
+    unet_colourless_share: float = world.COLOURLESS_SHARE   # world's): lower them to measure what they cost
     reward_steps: int = 500
     reward_batch: int = 64
     reward_lr: float = 3e-4
@@ -255,7 +257,8 @@ def build_unet(cfg: BuildConfig, work: str, images, captions, vae, text_encoder,
         """Text-encoder states of the batch's varied captions; a share are empty, so classifier-free guidance
         works."""
         rng = caption_rng(cfg, "unet", step)
-        texts = ["" if rng.random() < cfg.caption_dropout else world.augment_caption(scenes[captions[i]], rng)[0]
+        texts = ["" if rng.random() < cfg.caption_dropout else world.augment_caption(
+                     scenes[captions[i]], rng, cfg.unet_nonsense_share, cfg.unet_colourless_share)[0]
                  for i in idx.tolist()]
         return encode_prompts(text_encoder, tokenizer, texts)
 

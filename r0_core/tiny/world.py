@@ -198,17 +198,18 @@ def nonsense_words() -> tuple[str, ...]:
     return tuple(pool)
 
 
-def augment_caption(scene: Scene, rng: random.Random) -> tuple[str, Scene]:
+def augment_caption(scene: Scene, rng: random.Random, nonsense_share: float = NONSENSE_SHARE,
+                    colourless_share: float = COLOURLESS_SHARE) -> tuple[str, Scene]:
     """A training caption of `scene` as the data shows it, and the scene that caption asks for: with probability
-    COLOURLESS_SHARE one object's colour is left out, and independently with probability NONSENSE_SHARE a
-    nonsense word goes before one object's noun (it asks for nothing)."""
+    colourless_share one object's colour is left out, and independently with probability nonsense_share a
+    nonsense word goes before one object's noun (it asks for nothing). The same draws whatever the shares."""
     objects = list(scene.objects)
-    if rng.random() < COLOURLESS_SHARE:
+    if rng.random() < colourless_share:
         i = rng.randrange(len(objects))
         objects[i] = Obj(None, objects[i].shape)
     asked = dataclasses.replace(scene, objects=tuple(objects))
     text = caption(asked)
-    if rng.random() < NONSENSE_SHARE:
+    if rng.random() < nonsense_share:
         words = text.split()
         at = rng.choice([i for i, w in enumerate(words) if w in SHAPES])
         text = " ".join(words[:at] + [rng.choice(nonsense_words())] + words[at:])
