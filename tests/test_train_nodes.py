@@ -35,7 +35,7 @@ def generate(pipeline):
 
 
 def test_train_then_apply_the_saved_lora(folders):
-    pipeline, path, curve = train("node run")
+    pipeline, path, curve = train("node_run")
     assert path == str(folders / "models" / "loras" / "node_run.safetensors") and os.path.isfile(path)
     assert curve.ndim == 4 and curve.shape[-1] == 3 and curve.std() > 0
     trained = generate(pipeline)
