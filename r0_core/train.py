@@ -297,7 +297,7 @@ class OtherRun(ValueError):
     """The output folder holds a run made with other settings, another model, other rewards or references."""
 
 
-def weights_fingerprint(*modules, adapters: Sequence[str] = ()) -> str:
+def module_fingerprint(*modules, adapters: Sequence[str] = ()) -> str:
     """A short hash of modules' weights (each tensor's name, shape and two sums; LoRA tensors only for the named
     `adapters`), so a run resumes only on the model and rewards it started with. About a second for SD 1.5."""
     h = hashlib.sha256()
@@ -315,8 +315,8 @@ def weights_fingerprint(*modules, adapters: Sequence[str] = ()) -> str:
 
 def run_fingerprint(config, *modules, adapters: Sequence[str] = (), extra: str = "") -> str:
     """What a saved run must match to be resumed: the config's fingerprint, the weights it trains on and scores
-    with (weights_fingerprint) and anything else it depends on (`extra`, e.g. a hash of reference images)."""
-    whole = config.fingerprint() + weights_fingerprint(*modules, adapters=adapters) + extra
+    with (module_fingerprint) and anything else it depends on (`extra`, e.g. a hash of reference images)."""
+    whole = config.fingerprint() + module_fingerprint(*modules, adapters=adapters) + extra
     return hashlib.sha256(whole.encode()).hexdigest()[:16]
 
 
