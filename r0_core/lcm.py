@@ -30,8 +30,8 @@ import torch
 from .denoisers import DiffusersDenoiser
 from .generate import encode_prompts
 from .schedule import sigmas_from_alphas_cumprod
-from .train import (Trainable, TrainResult, check_target, make_accelerator, pretrained, run_fingerprint,
-                    run_iterations, save_curve, save_trained)
+from .train import (Trainable, TrainResult, check_target, make_accelerator, optimizer_step, pretrained,
+                    run_fingerprint, run_iterations, save_curve, save_trained)
 
 SIGMA_DATA = 0.5          # LCM's boundary-condition constants (diffusers' example)
 TIMESTEP_SCALING = 10.0
@@ -103,6 +103,7 @@ def train_lcm(pipe, images: torch.Tensor, prompts: list[str], config: LCMConfig,
         alphas_cumprod = pipe.scheduler.alphas_cumprod
         prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
         model = DiffusersDenoiser(unet, alphas_cumprod, prediction)
+        teacher = DiffusersDenoiser(trainable.frozen, alphas_cumprod, prediction) if trainable.full else model
         table = sigmas_from_alphas_cumprod(alphas_cumprod.double().cpu()).float()
         skip = len(table) // config.ddim_timesteps
         levels = torch.arange(1, config.ddim_timesteps + 1) * skip - 1     # t_n: 19, 39, ..., 999 for T = 1000
@@ -122,8 +123,7 @@ def train_lcm(pipe, images: torch.Tensor, prompts: list[str], config: LCMConfig,
             unet.train()
             with accelerator.autocast():
                 with torch.no_grad():
-                    with pretrained(trainable) as teacher_unet:    # 3. the teacher: the LoRA switched off
-                        teacher = DiffusersDenoiser(teacher_unet, alphas_cumprod, prediction)
+                    with pretrained(trainable):    # 3. the teacher: the LoRA switched off
                         both = teacher(torch.cat([x, x]), torch.cat([sigma, sigma]), cond=torch.cat([cond, uncond]))
                     conditional, unconditional = both.chunk(2)
                     guided = unconditional + omega.to(x).view(-1, 1, 1, 1) * (conditional - unconditional)
@@ -133,11 +133,7 @@ def train_lcm(pipe, images: torch.Tensor, prompts: list[str], config: LCMConfig,
                 diff = (student.float() - target.float()).flatten(1)
                 loss = ((diff ** 2 + config.huber_c ** 2).sqrt() - config.huber_c).mean()   # 5. pseudo-Huber
                 reg = config.reg_weight * trainable.delta_norm2()
-            accelerator.backward(loss + reg)
-            if config.grad_clip:
-                accelerator.clip_grad_norm_(trainable.params, config.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer_step(accelerator, trainable, optimizer, loss + reg, config.grad_clip)
             return {"iteration": iteration + 1, "loss": float(loss.detach()), "reg": float(reg.detach())}
 
         history, cancelled = run_iterations(config, trainable, optimizer, accelerator, out_dir, fingerprint, step,

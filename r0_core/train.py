@@ -189,8 +189,8 @@ def reward_loss(reward: Optional[RewardModel], images: torch.Tensor, prompts: li
 
 @contextlib.contextmanager
 def pretrained(trainable: "Trainable"):
-    """The UNet as it was before training, for the implicit CFG reward: LoRA adapters switched off while
-    inside, or the frozen copy a full fine-tune keeps."""
+    """The UNet as it was before training (the implicit CFG reward's and LCM's teacher): LoRA adapters switched
+    off while inside, or the frozen copy a full fine-tune keeps."""
     if trainable.full:
         yield trainable.frozen
         return
@@ -199,6 +199,15 @@ def pretrained(trainable: "Trainable"):
         yield trainable.unet
     finally:
         trainable.unet.enable_lora()
+
+
+def optimizer_step(accelerator, trainable: "Trainable", optimizer, loss: torch.Tensor, grad_clip: float) -> None:
+    """Backward, clip the trained weights' gradient norm (0: no clip), step, clear: every trainer's step."""
+    accelerator.backward(loss)
+    if grad_clip:
+        accelerator.clip_grad_norm_(trainable.params, grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def reward_names(reward: Optional[RewardModel], cfg: Optional[ImplicitCFG]) -> list[str]:
@@ -433,6 +442,8 @@ def train_r0(pipe, reward: Optional[RewardModel], config: R0Config, out_dir: str
         denoiser = DiffusersDenoiser(unet, alphas_cumprod, prediction)
         model = checkpointed(denoiser) if config.gradient_checkpointing else denoiser
         cfg = config.implicit_cfg
+        base = DiffusersDenoiser(trainable.frozen if trainable.full else unet, alphas_cumprod, prediction) \
+            if cfg is not None else None   # the pretrained model, asked inside `pretrained(trainable)`
         sigmas = scheduler_sigmas(pipe.scheduler, config.steps).to(unet.device)
         shape = latent_shape(pipe, config.batch_size, config.height, config.width)
 
@@ -448,16 +459,11 @@ def train_r0(pipe, reward: Optional[RewardModel], config: R0Config, out_dir: str
                 images = (checkpointed(decode) if config.gradient_checkpointing else decode)(pipe, latents)
                 direction = None
                 if cfg is not None:
-                    with pretrained(trainable) as base_unet:
-                        direction = cfg.direction(DiffusersDenoiser(base_unet, alphas_cumprod, prediction),
-                                                  latents, cond, uncond, alphas_cumprod, gen)
+                    with pretrained(trainable):
+                        direction = cfg.direction(base, latents, cond, uncond, alphas_cumprod, gen)
                 loss, rewards = reward_loss(reward, images, prompts, normalize, cfg, latents, direction)
                 reg = config.reg_weight * trainable.delta_norm2()
-            accelerator.backward(loss + reg)
-            if config.grad_clip:
-                accelerator.clip_grad_norm_(trainable.params, config.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer_step(accelerator, trainable, optimizer, loss + reg, config.grad_clip)
             if ema is not None:
                 ema.step(trainable.params)  # diffusers' EMA: decay min(ema_decay, (1 + n) / (10 + n)) at update n
             return {"iteration": iteration + 1, "loss": float(loss.detach()), "reg": float(reg.detach()),
