@@ -6,6 +6,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from . import checks
 from .denoisers import DiffusersDenoiser
 from .sampler import sample_r0, seeded_noise, seeded_noise_sampler
 from .schedule import scheduler_sigmas
@@ -33,10 +34,9 @@ def decode(pipe, latents: torch.Tensor) -> torch.Tensor:
 
 def latent_shape(pipe, batch: int, height: Optional[int] = None, width: Optional[int] = None) -> tuple:
     """[B, C, h, w] of the UNet's latents for images of height x width (default: the model's own size)."""
-    height = height or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    width = width or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    if height % pipe.vae_scale_factor or width % pipe.vae_scale_factor:
-        raise ValueError(f"height={height}, width={width}; expected multiples of {pipe.vae_scale_factor}")
+    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    height = checks.image_side("height", height, pipe.vae_scale_factor, native)
+    width = checks.image_side("width", width, pipe.vae_scale_factor, native)
     return batch, pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor
 
 
@@ -62,6 +62,7 @@ def sample_latents(pipe, cond: torch.Tensor, uncond: Optional[torch.Tensor], *, 
                    disable: bool = True) -> torch.Tensor:
     """The R0 sampler on encoded prompts: scaled latents (as the UNet sees them), one image per row of cond."""
     seeds = list(range(len(cond))) if seeds is None else list(seeds)
+    checks.number("guidance", guidance)
     model = DiffusersDenoiser.from_pipeline(pipe)
     sigmas = scheduler_sigmas(pipe.scheduler, steps, timesteps).to(cond.device)
     shape = latent_shape(pipe, len(cond), height, width)

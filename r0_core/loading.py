@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 from typing import Optional
 
 import torch
@@ -87,8 +88,8 @@ def _load_folder(folder: str, device, dtype):
     kwargs = {"safety_checker": None, "requires_safety_checker": False} if "XL" not in class_name else {}
     try:
         pipe = pipeline_class.from_pretrained(folder, local_files_only=True, torch_dtype=dtype, **kwargs)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise ModelLoadError(f"could not load the diffusers folder {folder}: {e}") from e
+    except Exception as e:  # diffusers and transformers raise many types on damaged or refused files
+        raise load_failure("the diffusers pipeline", folder, e) from e
     return pipe.to(device)
 
 
@@ -126,9 +127,51 @@ def _require_file(path: str) -> None:
                              f"(or .ckpt/.pt/.pth/.bin) in the model folder")
 
 
+PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _pickled_files(path: str) -> list[str]:
+    """The pickled weight files in a model folder (or the file itself), for messages."""
+    if os.path.isfile(path):
+        return [path] if path.lower().endswith(PICKLED) else []
+    found = []
+    for root, _, files in os.walk(path):
+        found += [os.path.join(root, f) for f in sorted(files) if f.lower().endswith(PICKLED)]
+    return found
+
+
+def _detail(error: Exception) -> str:
+    """The line of an error message that says what went wrong (torch's refusals put it after a long preamble)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        if "WeightsUnpickler error:" in line:
+            rest = line.split("WeightsUnpickler error:", 1)[1].strip() or (lines[i + 1] if i + 1 < len(lines) else "")
+            return rest.split(" was not an allowed global")[0]   # "Unsupported global: GLOBAL posix.system"
+    return lines[0] if lines else repr(error)
+
+
+REFUSED = ("the safe loader (torch.load with weights_only=True) refused it: it is damaged, or a pickle holding more "
+           "than tensors, which could run code when loaded")
+
+
 def _corrupt(path: str, error: Exception) -> ModelLoadError:
-    return ModelLoadError(f"checkpoint {path} is unreadable or corrupt ({type(error).__name__}: {error}); "
+    detail = _detail(error)
+    if isinstance(error, pickle.UnpicklingError):
+        return ModelLoadError(f"checkpoint {path}: {REFUSED} ({detail}); use its .safetensors version")
+    return ModelLoadError(f"checkpoint {path} is unreadable or corrupt ({type(error).__name__}: {detail}); "
                           f"expected a complete .safetensors file: re-download or re-export it")
+
+
+def load_failure(what: str, path: str, error: Exception) -> ModelLoadError:
+    """A loader's foreign exception as a ModelLoadError naming the model, its path and the likely fix."""
+    detail = _detail(error)
+    if isinstance(error, pickle.UnpicklingError):
+        files = _pickled_files(path)
+        return ModelLoadError(f"could not load {what} from {path}: of its pickled weight file(s) "
+                              f"{', '.join(files[:3]) or '(none found)'}, {REFUSED} ({detail}); replace it with its "
+                              f".safetensors version")
+    return ModelLoadError(f"could not load {what} from {path} ({type(error).__name__}: {detail}); check that "
+                          f"its files are complete (re-download or re-copy the folder)")
 
 
 def detect_architecture(shapes: dict[str, tuple[int, ...]], path: str = "<state dict>") -> str:

@@ -399,6 +399,11 @@ def _check_lora_file(pipe, path: str) -> None:
     except Exception as e:
         raise LoraError(f"{path} holds LoRA weights in a layout diffusers cannot convert ({type(e).__name__}: "
                         f"{e}); expected a kohya (lora_unet_*) or diffusers (unet.*) LoRA for an SD-family UNet") from e
+    bad = sorted(k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point()
+                 and not torch.isfinite(v).all())
+    if bad:
+        raise LoraError(f"LoRA file {path} holds NaN or inf in {len(bad)} tensor(s) (first: {bad[0]}): the training "
+                        f"that wrote it diverged; use an earlier checkpoint or retrain with a lower learning rate")
     _check_unet_part(pipe.unet, {k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")}, path,
                      set(keys))
 

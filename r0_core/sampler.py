@@ -14,6 +14,8 @@ from typing import Callable, Optional
 import torch
 from tqdm.auto import trange
 
+from . import checks
+
 
 class Cancelled(Exception):
     """Raised by a progress callback to stop a sampler or trainer; what was done so far is kept by the caller."""
@@ -23,7 +25,8 @@ def seeded_noise(shape, seeds: list[int], device="cpu", dtype=torch.float32) -> 
     """Standard normal noise [B, ...] where image i depends only on seeds[i], not on the batch it is in."""
     if len(seeds) != shape[0]:
         raise ValueError(f"got {len(seeds)} seeds for a batch of {shape[0]}; pass one seed per image")
-    return torch.stack([torch.randn(shape[1:], generator=torch.Generator("cpu").manual_seed(int(s)))
+    seeds = [checks.seed(s, "seed") for s in seeds]
+    return torch.stack([torch.randn(shape[1:], generator=torch.Generator("cpu").manual_seed(s))
                         for s in seeds]).to(device, dtype)
 
 

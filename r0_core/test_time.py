@@ -23,6 +23,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from . import checks
 from .denoisers import DiffusersDenoiser
 from .generate import checkpointed, decode, encode_prompts, latent_shape, start_latents
 from .rewards.base import RewardModel
@@ -85,7 +86,7 @@ def refine_noise(pipe, reward: RewardModel, prompt: str | Sequence[str], *, iter
         `cancelled=True` (any other exception propagates).
     Works inside torch.inference_mode() (as ComfyUI runs nodes); the pipeline's weights are never changed.
     """
-    prompts = _check(pipe, reward, prompt, iterations, lr, batch_size, reg_weight, grad_clip)
+    prompts = _check(pipe, reward, prompt, iterations, lr, batch_size, reg_weight, grad_clip, guidance)
     cfg = ImplicitCFG(cfg_reward_weight, cfg_reward_t_range) if cfg_reward_weight else None
     with torch.inference_mode(False), torch.enable_grad(), _frozen(pipe.unet, pipe.vae, reward):
         render, noise, guided = _generator(pipe, prompts, seed=seed, steps=steps, eta=eta, guidance=guidance,
@@ -127,18 +128,18 @@ def refine_noise(pipe, reward: RewardModel, prompt: str | Sequence[str], *, iter
 
 # ----------------------------------------------------------------------------------------------- pieces
 
-def _check(pipe, reward, prompt, iterations, lr, batch_size, reg_weight, grad_clip) -> list[str]:
+def _check(pipe, reward, prompt, iterations, lr, batch_size, reg_weight, grad_clip, guidance) -> list[str]:
     """Validate the arguments; returns one prompt per image."""
     if not isinstance(reward, RewardModel):
         raise ValueError(f"reward is a {type(reward).__name__}; expected an r0_core RewardModel "
                          f"(r0_core.rewards.load_reward, or a WeightedReward of several)")
-    if not isinstance(iterations, int) or iterations < 0:
-        raise ValueError(f"iterations={iterations!r}; expected a whole number >= 0 (0 gives the plain sample)")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r}; expected a whole number >= 1")
-    if not lr > 0 or not reg_weight >= 0 or not (grad_clip is None or grad_clip > 0):
-        raise ValueError(f"lr={lr}, reg_weight={reg_weight}, grad_clip={grad_clip}; expected lr > 0, "
-                         f"reg_weight >= 0 and grad_clip > 0 (or None for no clipping)")
+    checks.whole("iterations", iterations, 0)   # 0 gives the plain sample
+    checks.whole("batch_size", batch_size, 1)
+    checks.number("lr", lr, 0, low_open=True)
+    checks.number("reg_weight", reg_weight, 0)
+    if grad_clip is not None:
+        checks.number("grad_clip", grad_clip, 0, low_open=True)   # None: no clipping
+    checks.number("guidance", guidance)
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     prompts = prompts * batch_size if len(prompts) == 1 else prompts
     if len(prompts) != batch_size:

@@ -37,7 +37,7 @@ import torch
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from . import lora
+from . import checks, lora
 from .denoisers import DiffusersDenoiser
 from .files import atomic_save, atomic_write
 from .generate import checkpointed, decode, encode_prompts, latent_shape, start_latents
@@ -93,13 +93,13 @@ class R0Config:
             raise ValueError(f"eta_range={self.eta_range}; expected 0 <= low <= high <= 1")
         if self.iterations < 1 or self.batch_size < 1 or self.steps < 1:
             raise ValueError("iterations, batch_size and steps must be at least 1")
-        for name, low in (("lr", 0.0), ("reg_weight", None), ("guidance", 1.0), ("grad_clip", None)):
-            value = getattr(self, name)
-            bad = not isinstance(value, (int, float)) or not math.isfinite(value) or value < (low or 0.0) \
-                or (name == "lr" and value == 0)
-            if bad:
-                raise ValueError(f"{name}={value!r}; expected a finite number "
-                                 f"{'> 0' if name == 'lr' else f'>= {low or 0:g}'}")
+        checks.number("lr", self.lr, 0, low_open=True)
+        checks.number("reg_weight", self.reg_weight, 0)
+        checks.number("guidance", self.guidance, 1)
+        checks.number("grad_clip", self.grad_clip, 0)
+        checks.lora_targets(self.lora_targets)
+        checks.seed(self.seed)
+        checks.whole("lora_rank", self.lora_rank, 0)   # 0 trains the full UNet
         if self.checkpoint_every < 1:
             raise ValueError(f"checkpoint_every={self.checkpoint_every}; expected a whole number >= 1")
         ImplicitCFG(self.cfg_reward_weight, self.cfg_reward_t_range)  # validates both
@@ -135,8 +135,12 @@ class TrainResult:
 
 def read_prompts(path: str) -> list[str]:
     """One prompt per line; blank lines and lines starting with # are skipped."""
-    with open(path, encoding="utf-8") as f:
-        prompts = [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+    try:
+        with open(path, encoding="utf-8-sig") as f:   # -sig: a byte-order mark some editors write is not a prompt
+            prompts = [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+    except UnicodeDecodeError as e:
+        raise ValueError(f"prompts file {path} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8"
+                         ) from e
     if not prompts:
         raise ValueError(f"prompts file {path} holds no prompts; write one per line")
     return prompts

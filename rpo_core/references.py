@@ -2,6 +2,7 @@
 fitted to the square (or h x w) crops a diffusion model is fine-tuned on. Tensors are float [.., 3, H, W] in 0..1."""
 from __future__ import annotations
 
+import logging
 import os
 from typing import Optional, Sequence
 
@@ -10,7 +11,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 HIGH_BIT_GREY = ("I", "I;16", "I;16B", "I;16L", "I;16N")  # 16-bit greyscale PNG/TIFF, values 0..65535
 
 
@@ -23,14 +26,26 @@ def load_image(path: str | os.PathLike) -> torch.Tensor:
         with Image.open(path) as image:
             image.load()  # decode now: a truncated file fails here, inside the try, not later
             image = ImageOps.exif_transpose(image)  # phones store portraits sideways plus a rotation tag
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"image file {path} is too large to open safely ({e}); reference photos need no more "
+                         f"than a few megapixels: resize it") from e
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ValueError(f"image file {path} is unreadable or corrupt ({type(e).__name__}: {e}); expected a "
                          f"complete {'/'.join(s[1:] for s in IMAGE_SUFFIXES)} image") from e
-    return to_rgb_tensor(image)
+    try:
+        return to_rgb_tensor(image)
+    except ValueError as e:
+        raise ValueError(f"image file {path}: {e}") from e
 
 
 def to_rgb_tensor(image: Image.Image) -> torch.Tensor:
     """A PIL image of any mode as float [3, H, W] in 0..1; transparency is composited onto white."""
+    if image.mode == "F":   # 32-bit float greyscale (TIFF): values are meant as 0..1
+        grey = np.array(image, dtype=np.float32)
+        if not np.isfinite(grey).all() or grey.min() < 0 or grey.max() > 1:
+            raise ValueError(f"a 32-bit float image holds values from {grey.min():g} to {grey.max():g}; expected "
+                             f"0..1: save it as an 8- or 16-bit image")
+        return torch.from_numpy(grey).expand(3, -1, -1).clone()
     if image.mode in HIGH_BIT_GREY:
         grey = torch.from_numpy(np.asarray(image, dtype=np.float32) / 65535).clamp(0, 1)
         return grey.expand(3, -1, -1).clone()
@@ -78,8 +93,12 @@ def image_files(folder: str | os.PathLike) -> list[str]:
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"image folder {folder} not found")
-    names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_SUFFIXES) and not n.startswith("."))
-    return [os.path.join(folder, n) for n in names if os.path.isfile(os.path.join(folder, n))]
+    files = sorted(n for n in os.listdir(folder) if not n.startswith(".") and os.path.isfile(os.path.join(folder, n)))
+    skipped = [n for n in files if not n.lower().endswith(IMAGE_SUFFIXES)]
+    if skipped:
+        logger.warning("image folder %s: skipping %d file(s) that are not %s images: %s", folder, len(skipped),
+                       "/".join(s[1:] for s in IMAGE_SUFFIXES), ", ".join(skipped[:5]) + (" ..." * (len(skipped) > 5)))
+    return [os.path.join(folder, n) for n in files if n.lower().endswith(IMAGE_SUFFIXES)]
 
 
 def load_references(paths_or_folder: str | os.PathLike | Sequence[str | os.PathLike],

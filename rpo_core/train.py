@@ -38,7 +38,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from r0_core import lora
+from r0_core import checks, lora
 from r0_core.files import atomic_save
 from r0_core.generate import generate
 from r0_core.rewards import LambdaHarmonic, RewardModel
@@ -103,8 +103,15 @@ class RPOConfig:
         for name in ("lambda_train", "lambda_val"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name}={getattr(self, name)}; expected a value in [0, 1]")
-        if self.tau <= 0 or self.beta < 0:
-            raise ValueError(f"tau={self.tau}, beta={self.beta}; expected tau > 0 and beta >= 0")
+        checks.number("tau", self.tau, 0, low_open=True)
+        checks.number("beta", self.beta, 0)
+        checks.number("lr", self.lr, 0, low_open=True)
+        checks.number("prior_weight", self.prior_weight, 0)
+        checks.number("guidance", self.guidance, 1)
+        checks.lora_targets(self.lora_targets)
+        checks.seed(self.seed)
+        checks.whole("checkpoint_every", self.checkpoint_every, 1)
+        checks.whole("lora_rank", self.lora_rank, 0)   # 0 trains the full UNet
         if min(self.iterations, self.batch_size, self.negatives_per_prompt, self.validate_every,
                self.validation_images, self.sampler_steps) < 1:
             raise ValueError("iterations, batch_size, negatives_per_prompt, validate_every, validation_images and "
@@ -225,6 +232,12 @@ def train_rpo(pipe, encoder: RewardModel, references: torch.Tensor, config: RPOC
     if references.ndim != 4 or references.shape[1] != 3 or len(references) < 1:
         raise ValueError(f"references have shape {tuple(references.shape)}; expected [N, 3, H, W] in 0..1 with "
                          f"N >= 1 (rpo_core.references.load_references makes that from image files)")
+    checks.unit_range("references", references)
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    if tuple(references.shape[-2:]) != (size, size):
+        raise ValueError(f"references are {references.shape[-2]}x{references.shape[-1]} pixels; this model trains at "
+                         f"{size}x{size}: fit them with rpo_core.references.load_references(..., size={size}) "
+                         f"(or fit(images, {size}))")
     device = pipe.unet.device
     accelerator = accelerator or make_accelerator(config.mixed_precision, device)
     lora_path = lora_path or os.path.join(out_dir, "rpo_lora.safetensors")

@@ -121,9 +121,13 @@ def save_hps(folder, width: int = 128, layers: int = 2, context: int = 16, image
              dim: int = 24):
     """HPS_v2.1_compressed.pt (fp16 open_clip state dict under 'state_dict'), the same weights as
     HPS_v2.1_compressed.safetensors with DataParallel's `module.` prefix, and `tokenizer/` (vocab.json +
-    merges.txt). Both towers are `width` wide; heads are 64 wide (at least two), as HPSv2 infers them."""
+    merges.txt), with open_clip_config.json beside them: both towers are `width` wide with 64-wide heads (at least
+    two), a width no released open_clip model has, so the config is what tells HPSv2 the head counts."""
     folder = _folder(folder)
     sd = open_clip_state(width, width, layers, context, patch, image, dim)
+    heads = max(width // 64, 1)
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": {
+        "vision_cfg": {"width": width, "head_width": width // heads}, "text_cfg": {"width": width, "heads": heads}}}))
     torch.save({"state_dict": sd}, folder / "HPS_v2.1_compressed.pt")
     save_file({"module." + k: v for k, v in sd.items()}, folder / "HPS_v2.1_compressed.safetensors")
     (folder / "tokenizer").mkdir(exist_ok=True)

@@ -113,12 +113,48 @@ def test_hps_refuses_other_files(hps_files, tmp_path):
         HPSv2.from_pretrained(str(tmp_path / "sac+logos+ava1-l14-linearMSE.pth"), tokenizer)
     broken = {k: v for k, v in sd.items() if k != "visual.ln_post.bias"} | {"visual.attnpool.weight": torch.zeros(4)}
     save_file(broken, tmp_path / "broken.safetensors")
+    # 128-wide towers are no released open_clip model's: without open_clip_config.json the head count is unknown
+    with pytest.raises(ValueError, match="broken.safetensors: its vision tower is 128 wide.*open_clip_config.json"):
+        HPSv2.from_pretrained(str(tmp_path / "broken.safetensors"), tokenizer)
+    shutil.copy(root / "open_clip_config.json", tmp_path)
     with pytest.raises(ValueError, match="missing vision_model.post_layernorm.bias; unexpected visual.attnpool"):
         HPSv2.from_pretrained(str(tmp_path / "broken.safetensors"), tokenizer)
     (tmp_path / "tok").mkdir()
     shutil.copy(root / "tokenizer" / "vocab.json", tmp_path / "tok")
     with pytest.raises(FileNotFoundError, match="lacks merges.txt"):
         HPSv2.from_pretrained(str(root / "HPS_v2.1_compressed.pt"), str(tmp_path / "tok"))
+
+
+def test_hps_head_counts_come_from_the_config(hps_files, tmp_path):
+    """A head count that is not the tower's makes other scores (so it is read, not guessed), and the open_clip
+    config's count is the one used; released widths need no config (ViT-H-14: 16 vision and 16 text heads)."""
+    from r0_core.rewards.hps import KNOWN_HEADS, infer_config
+    root, sd = hps_files
+    images = torch.rand(2, 3, 32, 32)
+    right = HPSv2.from_pretrained(str(root / "HPS_v2.1_compressed.pt"), str(root / "tokenizer"))
+    assert right.model.config.text_config.num_attention_heads == 2
+    wrong = HPSv2.from_pretrained(str(root / "HPS_v2.1_compressed.pt"), str(root / "tokenizer"),
+                                  config={"text_config": {"num_attention_heads": 4}})
+    with torch.no_grad():
+        assert not torch.allclose(right(images, PROMPTS[:2]), wrong(images, PROMPTS[:2]), atol=1e-4)
+    assert KNOWN_HEADS["vision_config"][1280] == 16 and KNOWN_HEADS["text_config"][1024] == 16
+    shapes = {"visual.conv1.weight": torch.zeros(1280, 3, 14, 14), "visual.positional_embedding": torch.zeros(257, 1280),
+              "token_embedding.weight": torch.zeros(49408, 1024), "positional_embedding": torch.zeros(77, 1024),
+              "visual.transformer.resblocks.0.mlp.c_fc.weight": torch.zeros(5120, 1280),
+              "transformer.resblocks.0.mlp.c_fc.weight": torch.zeros(4096, 1024), "text_projection": torch.zeros(1024, 1024)}
+    config = infer_config(shapes, right.tokenizer)
+    assert config["vision_config"]["num_attention_heads"] == 16 and config["text_config"]["num_attention_heads"] == 16
+
+
+def test_hps_unescapes_html_entities_as_open_clip(hps_files):
+    """open_clip's tokenizer un-escapes HTML entities before BPE: "&amp;" scores as "&"."""
+    root, _ = hps_files
+    scorer = HPSv2.from_pretrained(str(root / "HPS_v2.1_compressed.pt"), str(root / "tokenizer"))
+    images = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        plain, escaped, other = (scorer(images, p) for p in ("a red & blue circle", "a red &amp;amp; blue circle",
+                                                              "a red and blue circle"))
+    assert torch.equal(plain, escaped) and not torch.equal(plain, other)
 
 
 # ---- PickScore: a transformers CLIPModel folder ----

@@ -96,5 +96,5 @@ def test_bad_input_is_named(pipe):
         generate(pipe, PROMPTS, steps=4, eta=1.5)
     with pytest.raises(ValueError, match="descending"):
         generate(pipe, PROMPTS, timesteps=[249, 999])
-    with pytest.raises(ValueError, match="multiples of 2"):
+    with pytest.raises(ValueError, match="height=33; expected a positive whole multiple of 2"):
         generate(pipe, PROMPTS, height=33)

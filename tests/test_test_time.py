@@ -71,8 +71,10 @@ def test_iteration_0_is_generate_and_bad_input_is_named(pipe, clip):
         refine_noise(pipe, clip, [PROMPT] * 3, batch_size=2)
     with pytest.raises(ValueError, match="iterations=-1"):
         refine_noise(pipe, clip, PROMPT, iterations=-1)
-    with pytest.raises(ValueError, match="lr > 0"):
+    with pytest.raises(ValueError, match="lr=0.0; expected a finite number > 0"):
         refine_noise(pipe, clip, PROMPT, lr=0.0)
+    with pytest.raises(ValueError, match="guidance=nan"):
+        refine_noise(pipe, clip, PROMPT, guidance=float("nan"))
     with pytest.raises(ValueError, match="RewardModel"):
         refine_noise(pipe, lambda images, prompts: images.mean(), PROMPT)
     made_in_inference_mode = _Scaled(clip, 1.0)

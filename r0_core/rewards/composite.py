@@ -5,6 +5,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from .. import checks
 from .base import RewardModel
 
 
@@ -19,6 +20,8 @@ class WeightedReward(RewardModel):
         weights = [1.0] * len(scorers) if weights is None else list(weights)
         if not scorers or len(weights) != len(scorers):
             raise ValueError(f"got {len(scorers)} scorers and {len(weights)} weights; pass one weight per scorer")
+        for i, w in enumerate(weights):
+            checks.number(f"weights[{i}]", w)
         self.scorers = torch.nn.ModuleList(scorers)
         self.weights = weights
 

@@ -4,8 +4,8 @@ A family reads its main file or folder (`path`) and, where the official release 
 (`support`): the CLIP tokenizer for HPS, med_config.json + vocab.txt for ImageReward, the CLIP ViT-L/14 folder for
 the aesthetic head. A companion defaults to the main file's own folder, so one folder in models/reward_models
 holding everything just works. An HPS checkpoint may have open_clip's `open_clip_config.json` beside it, whose
-head counts and activation then replace the inferred ones (open_clip reads a model's architecture from that config,
-not from its tensors). Loaded scorers are cached by family, paths, dtype and device.
+head counts and activation HPSv2 then uses (open_clip reads a model's architecture from that config, not from its
+tensors). Loaded scorers are cached by family, paths, dtype and device.
 
 `path="tiny"` selects the tiny world's own model of a family: its CLIP, or the HPS, ImageReward and aesthetic
 models that r0_core.tiny.reward_stack learns from the world's oracle."""
@@ -18,13 +18,13 @@ from typing import Callable, Optional
 import torch
 
 from ..loading import (TINY, TINY_AESTHETIC, TINY_CLIP_DIR, TINY_HPS, TINY_IMAGE_REWARD, ModelLoadError,
-                       pick_device_dtype)
+                       load_failure, pick_device_dtype)
 from .aesthetic import AestheticScore
 from .align import AlignScore
-from .base import RewardModel, read_json
+from .base import RewardModel
 from .clip_score import ClipScore
 from .dino import DinoSimilarity
-from .hps import HPSv2
+from .hps import OPEN_CLIP_CONFIG, HPSv2
 from .image_reward import ImageReward
 from .pickscore import PickScore
 
@@ -37,37 +37,15 @@ class Family:
     references: bool = False  # scores compare against reference images
 
 
-OPEN_CLIP_CONFIG = "open_clip_config.json"
-
-
 def _beside(path: str, support: Optional[str]) -> str:
     return support or (path if os.path.isdir(path) else os.path.dirname(path))
-
-
-def open_clip_overrides(config: dict) -> dict:
-    """HPSv2.from_pretrained `config` overrides from an open_clip_config.json ({"model_cfg": {...}}, or the bare
-    model config of open_clip's model_configs/*.json): head counts (open_clip's defaults: 64-wide vision heads,
-    8 text heads) and quick GELU."""
-    model = config.get("model_cfg", config)
-    vision, text = model.get("vision_cfg", {}), model.get("text_cfg", {})
-    act = {"hidden_act": "quick_gelu"} if model.get("quick_gelu") else {}
-    overrides = {"text_config": dict(act, num_attention_heads=text.get("heads", 8))}
-    if "width" in vision:
-        overrides["vision_config"] = dict(act, num_attention_heads=vision["width"] // vision.get("head_width", 64))
-    return overrides
-
-
-def _load_hps(path: str, support: Optional[str]) -> HPSv2:
-    config = os.path.join(os.path.dirname(path), OPEN_CLIP_CONFIG)
-    overrides = open_clip_overrides(read_json(config)) if os.path.isfile(config) else None
-    return HPSv2.from_pretrained(path, _beside(path, support), overrides)
 
 
 FAMILIES: dict[str, Family] = {
     "clip": Family(lambda p, s: ClipScore.from_pretrained(p, s),
                    "a transformers CLIP folder (e.g. openai/clip-vit-large-patch14), or 'tiny'",
                    "optional tokenizer folder"),
-    "hpsv2": Family(_load_hps,
+    "hpsv2": Family(lambda p, s: HPSv2.from_pretrained(p, _beside(p, s)),
                     "HPS_v2_compressed.pt / HPS_v2.1_compressed.pt (or .safetensors, open_clip keys)",
                     "CLIP tokenizer folder (vocab.json + merges.txt); default: beside the checkpoint"),
     "pickscore": Family(lambda p, s: PickScore.from_pretrained(p, s),
@@ -138,7 +116,12 @@ def load_reward(family: str, path: str, support: Optional[str] = None, device=No
     if key not in _CACHE:
         # load outside inference mode: trainers need the weights as ordinary tensors to backprop through
         with torch.inference_mode(False):
-            scorer = FAMILIES[family].load(path, support)
+            try:
+                scorer = FAMILIES[family].load(path, support)
+            except (ModelLoadError, FileNotFoundError):
+                raise
+            except Exception as e:  # the libraries' own errors, named and explained
+                raise load_failure(f"the {family} reward", path, e) from e
         _CACHE[key] = scorer.to(device, dtype).eval().requires_grad_(False)
     return _CACHE[key].to(device)
 

@@ -3,13 +3,15 @@ preferences. The official open_clip checkpoint is remapped onto a transformers C
 torchvision is needed. Scores compare images of the *same* prompt; v2 and v2.1 scores are not comparable."""
 from __future__ import annotations
 
+import html
+import os
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from ..loading import ModelLoadError, read_checkpoint
-from .base import OPENAI_MEAN, OPENAI_STD, preprocess
+from .base import OPENAI_MEAN, OPENAI_STD, preprocess, read_json
 from .clip_score import ClipScore, clip_tokenizer, features
 
 # keys the architecture is read from; a file without them is some other model
@@ -53,14 +55,29 @@ def letterbox(images: torch.Tensor, size: int) -> torch.Tensor:
     return F.pad(images, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
 
 
-def vision_heads(width: int) -> int:
-    """open_clip ViTs use 64-wide heads (B: 768 -> 12, L: 1024 -> 16), except H/g/bigG (widths 1280, 1408, 1664),
-    whose head widths of 80/88/104 make 16 heads. Shapes cannot tell; pass `config` to override."""
-    return 16 if width > 1024 else max(width // 64, 1)
+OPEN_CLIP_CONFIG = "open_clip_config.json"   # open_clip's model config, read from beside the checkpoint if there
+# head counts of open_clip's released towers by width (64-wide heads, except the 80/88/104-wide ones of the H/g/bigG
+# vision towers); shapes cannot tell heads apart, so any other width needs open_clip_config.json
+KNOWN_HEADS = {"vision_config": {768: 12, 1024: 16, 1280: 16, 1408: 16, 1664: 16},
+               "text_config": {512: 8, 768: 12, 1024: 16, 1280: 20}}
 
 
-def infer_config(state: dict, tokenizer, overrides: Optional[dict] = None) -> dict:
-    """CLIPConfig arguments read off the tensor shapes of an open_clip state dict (head counts by the rule above)."""
+def open_clip_overrides(config: dict) -> dict:
+    """CLIPConfig overrides from an open_clip_config.json ({"model_cfg": {...}}, or the bare model config of
+    open_clip's model_configs/*.json): head counts (open_clip's defaults: 64-wide vision heads, 8 text heads) and
+    quick GELU."""
+    model = config.get("model_cfg", config)
+    vision, text = model.get("vision_cfg", {}), model.get("text_cfg", {})
+    act = {"hidden_act": "quick_gelu"} if model.get("quick_gelu") else {}
+    overrides = {"text_config": dict(act, num_attention_heads=text.get("heads", 8))}
+    if "width" in vision:
+        overrides["vision_config"] = dict(act, num_attention_heads=vision["width"] // vision.get("head_width", 64))
+    return overrides
+
+
+def infer_config(state: dict, tokenizer, overrides: Optional[dict] = None, path: str = "<state dict>") -> dict:
+    """CLIPConfig arguments read off the tensor shapes of an open_clip state dict; head counts from `overrides`,
+    else from KNOWN_HEADS, else refused (a wrong count loads without error and scores wrongly)."""
     def count(prefix):
         return len({k[len(prefix):].split(".")[0] for k in state if k.startswith(prefix)})
 
@@ -70,11 +87,11 @@ def infer_config(state: dict, tokenizer, overrides: Optional[dict] = None) -> di
     common = dict(hidden_act="gelu", layer_norm_eps=1e-5)  # laion/HPS use exact GELU, not OpenAI's quick_gelu
     vision = dict(common, hidden_size=width, patch_size=patch, image_size=grid * patch,
                   intermediate_size=state["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
-                  num_hidden_layers=count("visual.transformer.resblocks."), num_attention_heads=vision_heads(width))
+                  num_hidden_layers=count("visual.transformer.resblocks."))
     # pooling: transformers takes the first `eos_token_id` (argmax of ids only when eos_token_id == 2); open_clip
     # takes the argmax id, which is the eos token of the real 49408-token vocabulary. The tokenizer's eos works for
     # both that and tiny vocabularies.
-    text = dict(common, hidden_size=text_width, vocab_size=vocab, num_attention_heads=max(text_width // 64, 1),
+    text = dict(common, hidden_size=text_width, vocab_size=vocab,
                 intermediate_size=state["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
                 num_hidden_layers=count("transformer.resblocks."),
                 max_position_embeddings=state["positional_embedding"].shape[0],
@@ -83,6 +100,14 @@ def infer_config(state: dict, tokenizer, overrides: Optional[dict] = None) -> di
     config = dict(vision_config=vision, text_config=text, projection_dim=state["text_projection"].shape[1])
     for key, value in (overrides or {}).items():
         config[key] = {**config[key], **value} if isinstance(value, dict) else value
+    for tower in ("vision_config", "text_config"):
+        width = config[tower]["hidden_size"]
+        heads = config[tower].get("num_attention_heads") or KNOWN_HEADS[tower].get(width)
+        if not heads or width % heads:
+            raise ModelLoadError(f"{path}: its {tower.split('_')[0]} tower is {width} wide, not a width of a released "
+                                 f"open_clip model, so its head count cannot be told from its tensors; put open_clip's "
+                                 f"model config beside it as {OPEN_CLIP_CONFIG} (text_cfg.heads, vision_cfg.head_width)")
+        config[tower]["num_attention_heads"] = heads
     return config
 
 
@@ -155,12 +180,15 @@ class HPSv2(ClipScore):
         from transformers import CLIPConfig, CLIPModel
 
         tokenizer = clip_tokenizer(tokenizer_dir)
+        beside = os.path.join(os.path.dirname(checkpoint_path), OPEN_CLIP_CONFIG)
+        if os.path.isfile(beside):
+            config = {**open_clip_overrides(read_json(beside)), **(config or {})}
         state = {k.removeprefix("module."): v for k, v in read_checkpoint(checkpoint_path).items()}
         lacking = [k for k in SHAPE_KEYS if k not in state]
         if lacking:
             found = ", ".join(list(state)[:4]) or "nothing"
             raise not_hps(checkpoint_path, f"it lacks {', '.join(lacking)}; its keys start {found}")
-        clip_config = CLIPConfig(**infer_config(state, tokenizer, config))
+        clip_config = CLIPConfig(**infer_config(state, tokenizer, config, checkpoint_path))
         if len(tokenizer) > clip_config.text_config.vocab_size:
             raise ModelLoadError(f"tokenizer in {tokenizer_dir} has {len(tokenizer)} tokens but {checkpoint_path} "
                                  f"embeds {clip_config.text_config.vocab_size}; pass OpenAI CLIP's BPE files")
@@ -177,6 +205,10 @@ class HPSv2(ClipScore):
         model = CLIPModel.from_pretrained(None, config=clip_config, state_dict=weights, dtype=torch.float32)
         size = clip_config.vision_config.image_size
         return cls(model.eval(), tokenizer, size, None, OPENAI_MEAN, OPENAI_STD)
+
+    def text_embeds(self, prompts: Sequence[str]) -> torch.Tensor:
+        # open_clip's tokenizer un-escapes HTML entities twice before BPE ("&amp;" is "&"); transformers' does not
+        return super().text_embeds([html.unescape(html.unescape(p)).strip() for p in prompts])
 
     def image_embeds(self, images: torch.Tensor) -> torch.Tensor:
         pixels = preprocess(letterbox(images.float(), self.size), (self.size, self.size), self.mean, self.std)

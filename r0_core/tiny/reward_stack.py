@@ -59,7 +59,7 @@ from ..loading import TINY_AESTHETIC, TINY_HPS, TINY_IMAGE_REWARD
 from ..rewards.aesthetic import HEAD_LAYERS, AestheticScore
 from ..rewards.base import OPENAI_MEAN, OPENAI_STD, score_in_batches
 from ..rewards.clip_score import ClipScore
-from ..rewards.families import OPEN_CLIP_CONFIG
+from ..rewards.hps import OPEN_CLIP_CONFIG
 from ..rewards.hps import HPSv2, to_open_clip
 from ..rewards.image_reward import MLP_LAYERS, REWARD_MEAN, REWARD_STD, TEXT, VIT, ImageReward, vit_key
 from . import oracle, world
