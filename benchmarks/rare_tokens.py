@@ -232,7 +232,7 @@ def dreambooth_rows(args, folder: str) -> dict:
     scorer = load_reward("clip", TINY)
     rows = {}
     for subject in chosen(args):
-        pipe = load_pipeline(TINY)   # fresh weights: a trainer must not start from another subject's adapter
+        pipe = load_pipeline(args.model)   # fresh weights: a trainer must not start from another subject's adapter
         samplers = {s: Sampler(pipe, os.path.join(folder, "samples"), s, args.guidance, args.seed) for s in args.steps}
         base = {s: fidelity(sample, subject, "base") for s, sample in samplers.items()}
         path = dreambooth(pipe, scorer, subject, args, folder)
@@ -311,13 +311,15 @@ def main(argv=None):
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--tokens", nargs="+", default=[s.token for s in subjects.SUBJECTS],
                         help="subjects to fine-tune in part 4 (parts 1-3 always measure all three)")
+    parser.add_argument("--model", default=TINY, help="the tiny-sd pipeline folder to measure (default: shipped)")
+    parser.add_argument("--name", default="rare_tokens", help="results file name")
     parser.add_argument("--out", default="out/benchmarks/rare_tokens", help="cache of samples and LoRAs")
     parser.add_argument("--results", default="benchmarks/results")
     args = parser.parse_args(argv)
     chosen(args)
     torch.set_num_threads(1)
-    folder = os.path.join(args.out, model_fingerprint())
-    pipe = load_pipeline(TINY)
+    folder = os.path.join(args.out, model_fingerprint(TINY_PIPELINE_DIR if args.model == TINY else args.model))
+    pipe = load_pipeline(args.model)
     results = {"half": args.half, "seeds": args.seeds, "guidance": args.guidance, "target_ratio": TARGET_RATIO,
                "model": os.path.basename(folder), "sampler": {},
                "hidden_states": hidden_state_rows(pipe, args.half)}
@@ -332,7 +334,7 @@ def main(argv=None):
         results["dreambooth_steps"] = args.dreambooth_steps
         results["dreambooth"] = dreambooth_rows(args, folder)
     text = markdown(results)
-    paths = protocol.write_results("rare_tokens", results, text, out=args.results, argv=argv)
+    paths = protocol.write_results(args.name, results, text, out=args.results, argv=argv)
     print(text)
     print("wrote", *paths)
 

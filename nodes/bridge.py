@@ -139,14 +139,15 @@ def register_folder(folder: str) -> None:
 
 
 def resolve(folder: str, name: str) -> str:
-    """The full path of `name` inside one of the folder's roots; refuses anything that escapes them."""
+    """The full path of `name` inside one of the folder's roots; refuses a name that escapes them ("..", an
+    absolute path). Symlinks the user placed inside a model folder are followed, as ComfyUI's own lists do."""
     for root in folder_roots(folder):
-        root = os.path.realpath(root)
-        path = os.path.realpath(os.path.join(root, name))
-        if os.path.commonpath([root, path]) != root:
+        root = os.path.abspath(root)
+        path = os.path.normpath(os.path.join(root, name))
+        if not name or os.path.isabs(name) or os.path.commonpath([root, path]) != root:
             raise ValueError(f"model name {name!r} points outside models/{folder}; pick a name from the list")
         if os.path.exists(path):
-            return path
+            return os.path.realpath(path)
     raise FileNotFoundError(f"{name!r} not found in models/{folder} (looked in {folder_roots(folder)}); "
                             f"put the file or folder there and refresh")
 

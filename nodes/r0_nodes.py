@@ -47,6 +47,19 @@ def get_pipeline(choice: str, dtype: str = "auto", device: str = "auto") -> dict
     return _CACHE[key]
 
 
+def size_input(side: str) -> tuple:
+    """A width or height widget whose default, 0, is the model's own size (32 px for the tiny model, 512 for
+    SD 1.5): a fixed 512 is slow and meaningless on the tiny model."""
+    return ("INT", {"default": 0, "min": 0, "max": 4096, "step": 8,
+                    "tooltip": f"image {side} in pixels, a multiple of 8; 0: the model's own size (32 for the tiny "
+                               f"model, 512 for SD 1.5)"})
+
+
+def native_size(value: int):
+    """0 (the widget's 'model size') -> None, which the cores read as the model's own size."""
+    return value or None
+
+
 class R0LoadPipeline:
     DESCRIPTION = "Loads a Stable Diffusion pipeline (or the built-in tiny model) for R0 generation."
     CATEGORY = "R0"
@@ -59,7 +72,8 @@ class R0LoadPipeline:
             "model": (model_choices(), {"tooltip": "tiny, a diffusers folder in models/diffusers, or a "
                                                    "single-file checkpoint in models/checkpoints"}),
             "dtype": (list(DTYPES), {"default": "auto", "tooltip": "auto: fp32 on CPU, bf16/fp16 on GPU"}),
-            "device": (["auto", "cpu", "cuda"], {"default": "auto"}),
+            "device": (["auto", "cpu", "cuda"], {"default": "auto",
+                                                 "tooltip": "auto: the GPU if there is one, else the CPU"}),
         }}
 
     def load(self, model, dtype, device):
@@ -76,17 +90,19 @@ class R0FewStepGenerate:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "pipeline": (PIPELINE,),
-            "prompt": ("STRING", {"multiline": True, "default": "a red circle left of a blue square"}),
+            "pipeline": (PIPELINE, {"tooltip": "the model from R0 Load Pipeline (with any LoRA from R0 Apply LoRA)"}),
+            "prompt": ("STRING", {"multiline": True, "default": "a red circle left of a blue square",
+                                  "tooltip": "one prompt for the whole batch"}),
             "steps": ("INT", {"default": 4, "min": 1, "max": 100, "tooltip": "sampler steps K"}),
             "eta": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.05,
                               "tooltip": "fresh noise share when re-noising: 0 DDIM, 1 LCM-style"}),
             "guidance": ("FLOAT", {"default": 1.0, "min": 1.0, "max": 20.0, "step": 0.1,
                                    "tooltip": "classifier-free guidance; 1 turns it off (one UNet call a step)"}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 2 ** 63 - 1, "tooltip": "image i uses seed + i"}),
-            "batch_size": ("INT", {"default": 1, "min": 1, "max": 64}),
-            "width": ("INT", {"default": 512, "min": 16, "max": 4096, "step": 8}),
-            "height": ("INT", {"default": 512, "min": 16, "max": 4096, "step": 8}),
+            "batch_size": ("INT", {"default": 1, "min": 1, "max": 64,
+                                   "tooltip": "images made at once; image i uses seed + i"}),
+            "width": size_input("width"),
+            "height": size_input("height"),
             "offload": ("BOOLEAN", {"default": False, "tooltip": "move the pipeline to the CPU afterwards"}),
         }}
 
@@ -94,7 +110,8 @@ class R0FewStepGenerate:
         pipe = pipeline["pipe"].to(pipeline["device"])
         lora.use_loras(pipe, pipeline.get("loras", []))  # one cached pipeline serves every branch of the graph
         images, latents = generate(pipe, [prompt] * batch_size, steps=steps, eta=eta, guidance=guidance,
-                                   seeds=[seed + i for i in range(batch_size)], height=height, width=width,
+                                   seeds=[seed + i for i in range(batch_size)], height=native_size(height),
+                                   width=native_size(width),
                                    callback=bridge.progress_callback(steps))
         if offload:
             pipe.to("cpu")
@@ -117,7 +134,8 @@ class R0Sampler:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"eta": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.05})}}
+        return {"required": {"eta": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.05,
+                                               "tooltip": "fresh noise share when re-noising: 0 DDIM, 1 LCM-style"})}}
 
     def get_sampler(self, eta):
         import comfy.samplers  # built lazily: the function above is what tests exercise
@@ -143,8 +161,9 @@ class R0Sigmas:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL",),
-            "steps": ("INT", {"default": 4, "min": 1, "max": 1000}),
+            "model": ("MODEL", {"tooltip": "the native MODEL whose noise schedule the sigmas follow"}),
+            "steps": ("INT", {"default": 4, "min": 1, "max": 1000,
+                              "tooltip": "sampler steps K (ignored when timesteps is set)"}),
             "timesteps": ("STRING", {"default": "", "tooltip": "optional, e.g. 999,749,499,249; overrides steps"}),
         }}
 

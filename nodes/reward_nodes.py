@@ -86,12 +86,15 @@ class RewardLoader:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "family": (list(FAMILIES), {"default": "clip"}),
+            "family": (list(FAMILIES), {"default": "clip",
+                                        "tooltip": "which reward: clip, hpsv2, pickscore, image_reward, aesthetic, "
+                                                   "align or dino"}),
             "model": (model_choices(), {"tooltip": "a file or transformers folder in models/reward_models; tiny "
                                                    "is the built-in tiny world's CLIP (family clip)"}),
             "support": (support_choices(), {"tooltip": "companion files: " + "; ".join(
                 f"{name}: {f.support}" for name, f in FAMILIES.items() if f.support)}),
-            "device": (["auto", "cpu", "cuda"], {"default": "auto"}),
+            "device": (["auto", "cpu", "cuda"], {"default": "auto",
+                                                 "tooltip": "auto: the GPU if there is one, else the CPU"}),
             "dtype": (list(DTYPES), {"default": "auto", "tooltip": "auto: fp32 on CPU, bf16/fp16 on GPU"}),
         }}
 
@@ -116,8 +119,8 @@ class RewardScore:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "reward_model": (REWARD,),
-            "images": ("IMAGE",),
+            "reward_model": (REWARD, {"tooltip": "a scorer from Reward Loader, Reward Combine or Reward λ-Harmonic"}),
+            "images": ("IMAGE", {"tooltip": "the images to score (any size; resized inside the scorer)"}),
             "prompts": ("STRING", {"multiline": True, "default": "", "tooltip": "one prompt, or one line per image"}),
             "batch_size": ("INT", {"default": 16, "min": 1, "max": 512, "tooltip": "images scored at once"}),
             "offload": ("BOOLEAN", {"default": False, "tooltip": "move the scorer to the CPU afterwards"}),
@@ -142,19 +145,21 @@ class RewardRankSelect:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "reward_model": (REWARD,),
-            "images": ("IMAGE",),
+            "reward_model": (REWARD, {"tooltip": "a scorer from Reward Loader, Reward Combine or Reward λ-Harmonic"}),
+            "images": ("IMAGE", {"tooltip": "the images to score (any size; resized inside the scorer)"}),
             "prompts": ("STRING", {"multiline": True, "default": "", "tooltip": "one prompt, or one line per image"}),
-            "k": ("INT", {"default": 1, "min": 1, "max": 4096}),
+            "k": ("INT", {"tooltip": "how many of the best images to keep", "default": 1, "min": 1, "max": 4096}),
             "threshold": ("FLOAT", {"default": -1000.0, "min": -1000.0, "max": 1000.0, "step": 0.01,
                                     "tooltip": "keep only images scoring at least this; -1000 keeps all"}),
-            "batch_size": ("INT", {"default": 16, "min": 1, "max": 512}),
+            "batch_size": ("INT", {"tooltip": "images scored at once", "default": 16, "min": 1, "max": 512}),
             "offload": ("BOOLEAN", {"default": False, "tooltip": "move the scorer to the CPU afterwards"}),
         }, "optional": {
-            "references": ("IMAGE",),
+            "references": ("IMAGE", {"tooltip": "reference images, for DINO and λ-Harmonic scorers"}),
         }}
 
     def select(self, reward_model, images, prompts, k, threshold, batch_size, offload, references=None):
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k={k!r}; expected a whole number >= 1 (how many of the best images to keep)")
         scores, prompts = run_scorer(reward_model, images, prompts, references, batch_size, offload)
         order = [i for i in scores.argsort(descending=True).tolist() if scores[i] >= threshold][:k]
         if not order:
@@ -172,11 +177,20 @@ class RewardCombine:
 
     @classmethod
     def INPUT_TYPES(cls):
-        weight = ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01})
+        def weight(i):
+            return ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01,
+                              "tooltip": f"weight of reward_{i}; negative penalises it (unused without reward_{i})"})
+
+        def reward(i):
+            return (REWARD, {"tooltip": f"reward {i} of the sum" + (" (optional)" if i > 1 else "")})
         return {"required": {
-            "reward_1": (REWARD,), "weight_1": weight, "weight_2": weight, "weight_3": weight, "weight_4": weight,
-            "normalize_gradients": ("BOOLEAN", {"default": True}),
-        }, "optional": {"reward_2": (REWARD,), "reward_3": (REWARD,), "reward_4": (REWARD,)}}
+            "reward_1": reward(1), "weight_1": weight(1), "weight_2": weight(2), "weight_3": weight(3),
+            "weight_4": weight(4),
+            "normalize_gradients": ("BOOLEAN", {"default": True,
+                                                "tooltip": "R0's rule: each reward's image gradient scaled to unit "
+                                                           "norm before weighting, so no reward dominates by scale "
+                                                           "(used by trainers)"}),
+        }, "optional": {"reward_2": reward(2), "reward_3": reward(3), "reward_4": reward(4)}}
 
     def combine(self, reward_1, weight_1, weight_2, weight_3, weight_4, normalize_gradients, reward_2=None,
                 reward_3=None, reward_4=None):
@@ -187,7 +201,8 @@ class RewardCombine:
 
 class RewardLambdaHarmonic:
     DESCRIPTION = ("RPO's λ-Harmonic reward 1/(λ/I + (1−λ)/T): I = similarity to the reference images, T = to the "
-                   "prompt, both through one CLIP-like or ALIGN encoder. λ=1 is subject fidelity only, λ=0 text only.")
+                   "prompt, both through one CLIP-like or ALIGN encoder. λ=1 is subject fidelity only, λ=0 text "
+                   "only.")
     CATEGORY = "R0/reward"
     RETURN_TYPES = (REWARD,)
     FUNCTION = "build"
@@ -195,7 +210,8 @@ class RewardLambdaHarmonic:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "encoder": (REWARD,),
+            "encoder": (REWARD, {"tooltip": "the image-text encoder of the λ-Harmonic reward: a CLIP, PickScore, "
+                                            "HPSv2 or ALIGN reward model"}),
             "references": ("IMAGE", {"tooltip": "the subject's photos"}),
             "lam": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip": "λ"}),
         }}

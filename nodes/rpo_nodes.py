@@ -2,6 +2,7 @@
 Node ids and the order of their inputs are a public API: append, never reorder."""
 from __future__ import annotations
 
+import logging
 
 import torch
 
@@ -15,6 +16,7 @@ from .r0_nodes import PIPELINE
 from .reward_nodes import REWARD
 from .train_nodes import read_png, train_into, with_lora
 
+logger = logging.getLogger(__name__)   # ComfyUI shows INFO records in its console
 TINY_PREFIX = "tiny/"   # the built-in tiny world's subjects, listed beside the input folder's sub-folders
 
 
@@ -67,7 +69,7 @@ class RPOTrain:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "pipeline": (PIPELINE,),
+            "pipeline": (PIPELINE, {"tooltip": "the model from R0 Load Pipeline"}),
             "references": ("IMAGE", {"tooltip": "the subject's photos (RPO Load References or Load Image)"}),
             "encoder": (REWARD, {"tooltip": "λ-Harmonic encoder: a CLIP, PickScore, HPSv2 or ALIGN reward model"}),
             "token": ("STRING", {"default": "sks", "tooltip": "the rare token that will name the subject"}),
@@ -75,7 +77,7 @@ class RPOTrain:
             "prompts": ("STRING", {"multiline": True, "default": "",
                                    "tooltip": "training prompts with the token, one per line; empty: the paper's "
                                               "eight"}),
-            "steps": ("INT", {"default": 400, "min": 1, "max": 100000}),
+            "steps": ("INT", {"tooltip": "training iterations", "default": 400, "min": 1, "max": 100000}),
             "lambda_val": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.05,
                                      "tooltip": "λ of the validation reward: 1 subject only, 0 prompt only"}),
             "beta": ("FLOAT", {"default": 2.0, "min": 0.0, "max": 1e6, "step": 0.5,
@@ -83,15 +85,20 @@ class RPOTrain:
                                            "diffusion loss (watch L_sim in the curve)"}),
             "tau": ("FLOAT", {"default": 0.1, "min": 1e-4, "max": 10.0, "step": 0.005,
                               "tooltip": "temperature of the preference labels σ((r_ref − r_gen)/τ)"}),
-            "lr": ("FLOAT", {"default": 1e-4, "min": 1e-7, "max": 1.0, "step": 1e-5}),
+            "lr": ("FLOAT", {"default": 1e-4, "min": 1e-7, "max": 1.0, "step": 1e-5,
+                             "tooltip": "learning rate (LoRA); the full UNet wants far less, e.g. 5e-6"}),
             "lora_rank": ("INT", {"default": 8, "min": 0, "max": 256, "tooltip": "0 trains the full UNet"}),
-            "validate_every": ("INT", {"default": 40, "min": 1, "max": 100000}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 2 ** 63 - 1}),
+            "validate_every": ("INT", {"default": 40, "min": 1, "max": 100000,
+                                       "tooltip": "iterations between λ_val validations; the best validated weights "
+                                                  "are kept"}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 2 ** 63 - 1,
+                             "tooltip": "seeds the pairs, noise and labels; the same seed gives the same LoRA"}),
             "save_name": ("STRING", {"default": "rpo_subject", "tooltip": "models/loras/<save_name>.safetensors"}),
             "preference": ("BOOLEAN", {"default": True, "tooltip": "off: DreamBooth (diffusion loss only)"}),
             "sampler_steps": ("INT", {"default": 4, "min": 1, "max": 50,
                                       "tooltip": "K for the negatives and validation samples"}),
-            "guidance": ("FLOAT", {"default": 2.0, "min": 1.0, "max": 20.0, "step": 0.1}),
+            "guidance": ("FLOAT", {"default": 2.0, "min": 1.0, "max": 20.0, "step": 0.1,
+                                   "tooltip": "CFG of the sampler for negatives and validation images"}),
         }, "optional": {
             "overwrite": ("BOOLEAN", {"default": False, "tooltip": "replace models/loras/<save_name> even if "
                                                                    "another run (or no run) made it; off: such a "
@@ -117,11 +124,11 @@ class RPOTrain:
                                   train_rpo(pipe, encoder, refs, config, out_dir, lora_path,
                                             bridge.cancellable_progress(steps), adapter=name, overwrite=replace))
         if result.cancelled:
-            print(f"[RPO Train] cancelled after {len(result.history)} of {steps} steps; the best LoRA so far "
-                  f"(step {result.best_iteration}) saved to {result.lora_path}; queue again to resume")
+            logger.info(f"[RPO Train] cancelled after {len(result.history)} of {steps} steps; the best LoRA so far "
+                        f"(step {result.best_iteration}) saved to {result.lora_path}; queue again to resume")
             bridge.interrupt()
-        print(f"[RPO Train] best λ_val={lambda_val} validation {result.best_score:.4f} at step "
-              f"{result.best_iteration}; LoRA {result.lora_path}")
+        logger.info(f"[RPO Train] best λ_val={lambda_val} validation {result.best_score:.4f} at step "
+                    f"{result.best_iteration}; LoRA {result.lora_path}")
         return (with_lora(pipeline, name, 1.0), result.lora_path or "", read_png(result.curve_path))
 
 

@@ -3,6 +3,7 @@ one prompt's images at test time. Node ids and the order of their inputs are a p
 reorder."""
 from __future__ import annotations
 
+import logging
 import os
 import re
 
@@ -14,10 +15,12 @@ from r0_core.test_time import refine_noise
 from r0_core.train import OtherRun, R0Config, train_r0
 
 from . import bridge
-from .r0_nodes import PIPELINE
+from .r0_nodes import PIPELINE, native_size, size_input
 from .reward_nodes import REWARD
 
 LORAS = "loras"
+
+logger = logging.getLogger(__name__)   # ComfyUI shows INFO records in its console
 
 
 def with_lora(pipeline: dict, name: str, weight: float) -> dict:
@@ -52,14 +55,14 @@ def train_into(node: str, family: str, save_name: str, overwrite: bool, run):
         except (FileExistsError, OtherRun) as taken:
             if overwrite and n == 1 and isinstance(taken, OtherRun):
                 os.remove(os.path.join(out_dir, "trainer_state.pt"))
-                print(f"[{node}] overwrite: starting {out_dir} over ({taken})")
+                logger.info(f"[{node}] overwrite: starting {out_dir} over ({taken})")
                 return name, run(name, lora_path, out_dir, True)
             continue
         if n > 1:
-            print(f"[{node}] models/loras/{base}.safetensors belongs to another run (or is not a trained run's); "
-                  f"this run is saved as {name}.safetensors. Set overwrite to replace {base} instead.")
+            logger.warning(f"[{node}] models/loras/{base}.safetensors belongs to another run (or is not a trained "
+                           f"run's); this run is saved as {name}.safetensors. Set overwrite to replace {base} instead.")
         elif overwrite:
-            print(f"[{node}] overwrite: {lora_path} is replaced by this run")
+            logger.info(f"[{node}] overwrite: {lora_path} is replaced by this run")
         return name, result
     raise FileExistsError(f"save_name={save_name!r}: {base} and 998 numbered names are taken; choose another")
 
@@ -83,29 +86,37 @@ class R0Train:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "pipeline": (PIPELINE,),
-            "reward_model": (REWARD,),
+            "pipeline": (PIPELINE, {"tooltip": "the model from R0 Load Pipeline (with any LoRA from R0 Apply LoRA)"}),
+            "reward_model": (REWARD, {"tooltip": "what to maximise: a scorer from Reward Loader or Reward Combine "
+                                                 "(several rewards)"}),
             "prompts": ("STRING", {"multiline": True, "default": "a red circle above a blue square\n"
                                                                  "a green triangle left of a yellow circle",
                                    "tooltip": "training prompts, one per line"}),
             "steps": ("INT", {"default": 200, "min": 1, "max": 100000, "tooltip": "optimizer steps"}),
-            "lr": ("FLOAT", {"default": 1e-3, "min": 1e-7, "max": 1.0, "step": 1e-5}),
-            "lora_rank": ("INT", {"default": 8, "min": 1, "max": 256}),
+            "lr": ("FLOAT", {"default": 1e-3, "min": 1e-7, "max": 1.0, "step": 1e-5,
+                             "tooltip": "learning rate of the LoRA weights"}),
+            "lora_rank": ("INT", {"default": 8, "min": 1, "max": 256,
+                                  "tooltip": "rank of the trained LoRA: larger learns more and makes a bigger file"}),
             "reg_weight": ("FLOAT", {"default": 1e-2, "min": 0.0, "max": 100.0, "step": 1e-3,
                                      "tooltip": "pull towards the pretrained weights: weight of ‖ΔW‖²"}),
-            "eta_min": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.05}),
+            "eta_min": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.05,
+                                  "tooltip": "lowest η drawn per sampler step (0: DDIM-like, deterministic "
+                                             "re-noising)"}),
             "eta_max": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.05,
                                   "tooltip": "η is drawn from [eta_min, eta_max] for every sampler step"}),
             "mode": (["r0", "r0+"], {"tooltip": "r0+: reward on x̂0 at a random step, earlier steps without grad "
                                                 "(less memory)"}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 2 ** 63 - 1}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 2 ** 63 - 1,
+                             "tooltip": "seeds the prompts' order, the noise and η; the same seed gives the same "
+                                        "LoRA"}),
             "save_name": ("STRING", {"default": "r0_lora", "tooltip": "models/loras/<save_name>.safetensors"}),
-            "batch_size": ("INT", {"default": 4, "min": 1, "max": 256}),
+            "batch_size": ("INT", {"default": 4, "min": 1, "max": 256,
+                                   "tooltip": "images generated and scored per step"}),
             "sampler_steps": ("INT", {"default": 4, "min": 1, "max": 50, "tooltip": "K, the generator's steps"}),
             "guidance": ("FLOAT", {"default": 1.0, "min": 1.0, "max": 20.0, "step": 0.1,
                                    "tooltip": "CFG inside the generator; 1 = off (one UNet call a step)"}),
-            "width": ("INT", {"default": 512, "min": 16, "max": 4096, "step": 8}),
-            "height": ("INT", {"default": 512, "min": 16, "max": 4096, "step": 8}),
+            "width": size_input("width"),
+            "height": size_input("height"),
         }, "optional": {
             "cfg_reward_weight": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.05,
                                             "tooltip": "weight of R0's implicit CFG reward: the pretrained model's "
@@ -128,16 +139,17 @@ class R0Train:
               eta_per_image=False, ema_decay=0.0, overwrite=False):
         config = R0Config(prompts=[p.strip() for p in prompts.splitlines() if p.strip()], iterations=steps, lr=lr,
                           lora_rank=lora_rank, reg_weight=reg_weight, eta_range=(eta_min, eta_max), mode=mode,
-                          seed=seed, batch_size=batch_size, steps=sampler_steps, guidance=guidance, width=width,
-                          height=height, cfg_reward_weight=cfg_reward_weight, eta_per_image=eta_per_image,
-                          ema_decay=ema_decay)
+                          seed=seed, batch_size=batch_size, steps=sampler_steps, guidance=guidance,
+                          width=native_size(width), height=native_size(height), cfg_reward_weight=cfg_reward_weight,
+                          eta_per_image=eta_per_image, ema_decay=ema_decay)
         pipe = pipeline["pipe"].to(pipeline["device"])
+        lora.use_loras(pipe, pipeline.get("loras", []))   # the graph's LoRAs, so the trainer can say it leaves them
         name, result = train_into("R0 Train", "r0", save_name, overwrite, lambda name, lora_path, out_dir, replace:
                                   train_r0(pipe, reward_model, config, out_dir, lora_path,
                                            bridge.cancellable_progress(steps), adapter=name, overwrite=replace))
         if result.cancelled:
-            print(f"[R0 Train] cancelled after {len(result.history)} of {steps} steps; partial LoRA saved to "
-                  f"{result.lora_path}; queue again to resume")
+            logger.info(f"[R0 Train] cancelled after {len(result.history)} of {steps} steps; partial LoRA saved to "
+                        f"{result.lora_path}; queue again to resume")
             bridge.interrupt()
         return (with_lora(pipeline, name, 1.0), result.lora_path, read_png(result.curve_path))
 
@@ -151,9 +163,10 @@ class R0ApplyLoRA:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "pipeline": (PIPELINE,),
+            "pipeline": (PIPELINE, {"tooltip": "the model from R0 Load Pipeline (with any LoRA from R0 Apply LoRA)"}),
             "lora_name": (bridge.list_files(LORAS), {"tooltip": "a .safetensors LoRA in models/loras"}),
-            "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.05}),
+            "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.05,
+                                   "tooltip": "scale of the LoRA; 0 turns it off, negative inverts it"}),
         }}
 
     def apply(self, pipeline, lora_name, strength):
@@ -176,17 +189,26 @@ class R0TestTimeRefine:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "pipeline": (PIPELINE,),
-            "reward_model": (REWARD,),
-            "prompt": ("STRING", {"multiline": True, "default": "a red circle above a blue square"}),
-            "iterations": ("INT", {"default": 20, "min": 1, "max": 1000}),
-            "lr": ("FLOAT", {"default": 5.0, "min": 1e-4, "max": 100.0, "step": 0.1}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 2 ** 63 - 1}),
+            "pipeline": (PIPELINE, {"tooltip": "the model from R0 Load Pipeline (with any LoRA from R0 Apply LoRA)"}),
+            "reward_model": (REWARD, {"tooltip": "what the refinement raises: a scorer from Reward Loader or Reward "
+                                                 "Combine"}),
+            "prompt": ("STRING", {"multiline": True, "default": "a red circle above a blue square",
+                                  "tooltip": "one prompt for every image of the batch"}),
+            "iterations": ("INT", {"default": 20, "min": 1, "max": 1000,
+                                   "tooltip": "optimisation steps on the start noise; the best iterate per image is "
+                                              "returned"}),
+            "lr": ("FLOAT", {"default": 5.0, "min": 1e-4, "max": 100.0, "step": 0.1,
+                             "tooltip": "step size on the start noise (ReNO's default 5)"}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 2 ** 63 - 1,
+                             "tooltip": "image i starts from the noise of seed + i, as R0 Few-Step Generate"}),
             "steps": ("INT", {"default": 4, "min": 1, "max": 50, "tooltip": "sampler steps K"}),
-            "guidance": ("FLOAT", {"default": 1.0, "min": 1.0, "max": 20.0, "step": 0.1}),
-            "batch_size": ("INT", {"default": 1, "min": 1, "max": 64}),
-            "width": ("INT", {"default": 512, "min": 16, "max": 4096, "step": 8}),
-            "height": ("INT", {"default": 512, "min": 16, "max": 4096, "step": 8}),
+            "guidance": ("FLOAT", {"default": 1.0, "min": 1.0, "max": 20.0, "step": 0.1,
+                                   "tooltip": "classifier-free guidance of the sampler; 1 = off (one UNet call a "
+                                              "step)"}),
+            "batch_size": ("INT", {"default": 1, "min": 1, "max": 64,
+                                   "tooltip": "images refined at once; image i uses seed + i"}),
+            "width": size_input("width"),
+            "height": size_input("height"),
         }, "optional": {
             "cfg_reward_weight": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.05,
                                             "tooltip": "weight of R0's implicit CFG reward (the model's own "
@@ -198,10 +220,11 @@ class R0TestTimeRefine:
         pipe = pipeline["pipe"].to(pipeline["device"])
         lora.use_loras(pipe, pipeline.get("loras", []))
         result = refine_noise(pipe, reward_model, prompt.strip(), iterations=iterations, lr=lr, seed=seed,
-                              steps=steps, guidance=guidance, batch_size=batch_size, height=height, width=width,
+                              steps=steps, guidance=guidance, batch_size=batch_size, height=native_size(height),
+                              width=native_size(width),
                               cfg_reward_weight=cfg_reward_weight, callback=bridge.cancellable_progress(iterations))
         if result.cancelled:
-            print("[R0 Test-time Refine] cancelled; returning the best images reached")
+            logger.info("[R0 Test-time Refine] cancelled; returning the best images reached")
         return (result.images.permute(0, 2, 3, 1).cpu().float(),
                 result.initial_images.permute(0, 2, 3, 1).cpu().float())
 

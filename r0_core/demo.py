@@ -3,7 +3,6 @@ DDIM + CFG, with the R0 sampler at 4 steps, and (on the tiny model) with the shi
 every image with the oracle and the tiny CLIP, and writes a labelled grid PNG and a JSON report."""
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
@@ -11,7 +10,7 @@ import time
 import torch
 from PIL import Image
 
-from . import lora
+from . import cli, lora
 from .loading import TINY, TINY_R0_LORA, load_pipeline
 from .tiny import oracle
 from .rewards import load_reward
@@ -41,10 +40,10 @@ def settings(pipe, args, prompts: list[str]) -> dict[str, dict]:
     # diffusers guides when guidance > 1, the R0 sampler whenever guidance != 1 (r0_core.generate)
     base_cfg, r0_cfg, lora_cfg = args.guidance > 1, args.guidance != 1, args.r0_guidance != 1
     out = {
-        "50-step DDIM + CFG": dict(
+        "base model, 50-step DDIM + CFG": dict(
             label=describe("base", 50, "DDIM", args.guidance, base_cfg), steps=50, nfe=nfe(50, base_cfg),
             sample=lambda: sample_images(pipe, prompts, steps=50, guidance=args.guidance, seed=args.seed)),
-        "4-step R0 sampler": dict(
+        "base model, 4-step R0 sampler (no training)": dict(
             label=describe("base", 4, "R0 sampler", args.guidance, r0_cfg), steps=4, nfe=nfe(4, r0_cfg),
             sample=lambda: r0_images(pipe, prompts, steps=4, guidance=args.guidance, eta=args.eta, seed=args.seed)),
     }
@@ -61,23 +60,24 @@ def settings(pipe, args, prompts: list[str]) -> dict[str, dict]:
         images = r0_images(pipe, prompts, steps=4, guidance=args.r0_guidance, eta=args.eta, seed=args.seed)
         lora.use_loras(pipe, [])
         return images
-    out["4-step R0 LoRA (trained by R0)"] = dict(
+    out["R0 LoRA (trained by R0), 4-step R0 sampler"] = dict(
         label=describe("R0 LoRA", 4, "R0 sampler", args.r0_guidance, lora_cfg), steps=4, nfe=nfe(4, lora_cfg),
         sample=trained)
     return out
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = cli.make_parser("r0_core.demo", __doc__)
     parser.add_argument("--model", default=TINY, help="'tiny', a diffusers folder or a .safetensors checkpoint")
     parser.add_argument("--out", default="out/demo", help="folder for grid.png and report.json")
-    parser.add_argument("--images-per-prompt", type=int, default=2)
-    parser.add_argument("--guidance", type=float, default=2.0)
+    parser.add_argument("--images-per-prompt", type=int, default=2, help="images of each prompt per setting")
+    parser.add_argument("--guidance", type=float, default=2.0, help="CFG of the base model's settings")
     parser.add_argument("--eta", type=float, default=0.0, help="η of the 4-step R0 sampler")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="image i of a setting uses seed + i")
     parser.add_argument("--r0-guidance", type=float, default=2.0, help="CFG of the R0 LoRA row (as it was trained)")
     parser.add_argument("--scale", type=int, default=4, help="how many times the grid enlarges each image")
     args = parser.parse_args(argv)
+    cli.quiet_libraries()
     if args.images_per_prompt < 1:
         parser.error(f"--images-per-prompt is {args.images_per_prompt}; use 1 or more")
 

@@ -6,7 +6,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from . import checks
+from . import checks, memory
 from .denoisers import DiffusersDenoiser
 from .sampler import sample_r0, seeded_noise, seeded_noise_sampler
 from .schedule import scheduler_sigmas
@@ -80,10 +80,26 @@ def generate(pipe, prompts: list[str], *, steps: int = 4, eta: float = 0.0, guid
 
     steps/timesteps: K uniform steps, or an explicit descending list of training timesteps.
     seeds: one per image (default 0..B-1); the same seed gives the same image whatever the batch.
+    A batch larger than memory allows runs in chunks (r0_core.memory); one image too large is refused.
     Inference only (no gradients, so the images are plain tensors); trainers and test-time R0 build their own
     differentiable path from sample_r0.
     """
-    cond, uncond = encode_prompts(pipe, prompts, guidance)
-    latents = sample_latents(pipe, cond, uncond, steps=steps, eta=eta, guidance=guidance, seeds=seeds,
-                             timesteps=timesteps, height=height, width=width, callback=callback, disable=disable)
-    return decode(pipe, latents), latents / pipe.vae.config.scaling_factor
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise ValueError(f"prompts={prompts!r}; expected a list of one or more non-empty strings")
+    seeds = list(range(len(prompts))) if seeds is None else list(seeds)
+    if len(seeds) != len(prompts):
+        raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts; pass one seed per image")
+    _, _, h, w = latent_shape(pipe, 1, height, width)
+    scale = pipe.vae_scale_factor
+    # as many images at once as memory allows (refused if not even one fits); seeded per image, so chunks
+    # change nothing in the result
+    chunk = memory.images_per_chunk(pipe, len(prompts), h * scale, w * scale, cfg=guidance != 1.0)
+    images, latents = [], []
+    for start in range(0, len(prompts), chunk):
+        cond, uncond = encode_prompts(pipe, prompts[start:start + chunk], guidance)
+        part = sample_latents(pipe, cond, uncond, steps=steps, eta=eta, guidance=guidance,
+                              seeds=seeds[start:start + chunk], timesteps=timesteps, height=height, width=width,
+                              callback=callback, disable=disable)
+        images.append(decode(pipe, part))
+        latents.append(part / pipe.vae.config.scaling_factor)
+    return torch.cat(images), torch.cat(latents)

@@ -27,6 +27,7 @@ from typing import Callable, Optional
 
 import torch
 
+from . import checks
 from .denoisers import DiffusersDenoiser
 from .generate import encode_prompts
 from .schedule import sigmas_from_alphas_cumprod
@@ -39,19 +40,19 @@ TIMESTEP_SCALING = 10.0
 
 @dataclass
 class LCMConfig:
-    iterations: int = 400
-    batch_size: int = 8
-    lr: float = 1e-3
-    lora_rank: int = 8
-    lora_targets: str = "attention"
-    reg_weight: float = 0.0
+    iterations: int = 400                  # optimizer steps
+    batch_size: int = 8                    # images per step
+    lr: float = 1e-3                       # AdamW learning rate of the LoRA
+    lora_rank: int = 8                     # 0 trains the full UNet
+    lora_targets: str = "attention"         # "attention" or "all" (see r0_core.lora)
+    reg_weight: float = 0.0                # weight of ‖θ − θ0‖²
     ddim_timesteps: int = 50               # N: solver levels; the skip is k = T / N
     guidance_range: tuple[float, float] = (3.0, 9.0)   # the teacher's CFG ω, drawn per image
-    huber_c: float = 0.001
-    grad_clip: float = 1.0
-    seed: int = 0
-    checkpoint_every: int = 50
-    mixed_precision: str = "auto"
+    huber_c: float = 0.001                 # c of the pseudo-Huber consistency loss
+    grad_clip: float = 1.0                 # gradient-norm clip (0: none)
+    seed: int = 0                          # the same seed gives the same weights
+    checkpoint_every: int = 50             # iterations between resumable checkpoints
+    mixed_precision: str = "auto"          # "no", "fp16", "bf16"; auto: bf16 on CUDA, else no
 
     def __post_init__(self):
         lo, hi = self.guidance_range
@@ -59,9 +60,14 @@ class LCMConfig:
             raise ValueError("iterations and batch_size must be at least 1, ddim_timesteps at least 2")
         if not 1 <= lo <= hi:
             raise ValueError(f"guidance_range={self.guidance_range}; expected 1 <= low <= high")
-        if not self.lr > 0 or not self.reg_weight >= 0 or not self.huber_c > 0:
-            raise ValueError(f"lr={self.lr}, reg_weight={self.reg_weight}, huber_c={self.huber_c}; expected "
-                             f"lr > 0, reg_weight >= 0, huber_c > 0")
+        checks.number("lr", self.lr, 0, low_open=True)
+        checks.number("reg_weight", self.reg_weight, 0)
+        checks.number("huber_c", self.huber_c, 0, low_open=True)
+        checks.number("grad_clip", self.grad_clip, 0)
+        checks.lora_targets(self.lora_targets)
+        checks.whole("lora_rank", self.lora_rank, 0)
+        checks.whole("checkpoint_every", self.checkpoint_every, 1)
+        checks.seed(self.seed)
 
     def fingerprint(self) -> str:
         keep = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("iterations", "checkpoint_every")}

@@ -87,7 +87,7 @@ def _load_folder(folder: str, device, dtype):
     pipeline_class = getattr(diffusers, SUPPORTED_PIPELINES[class_name])
     kwargs = {"safety_checker": None, "requires_safety_checker": False} if "XL" not in class_name else {}
     try:
-        pipe = pipeline_class.from_pretrained(folder, local_files_only=True, torch_dtype=dtype, **kwargs)
+        pipe = pipeline_class.from_pretrained(folder, local_files_only=True, dtype=dtype, **kwargs)
     except Exception as e:  # diffusers and transformers raise many types on damaged or refused files
         raise load_failure("the diffusers pipeline", folder, e) from e
     return pipe.to(device)
@@ -238,7 +238,7 @@ def _load_single_file(path: str, device, dtype, tokenizer_dir: Optional[str]):
     if "XL" not in class_name:
         extra.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     try:
-        pipe = pipeline_class.from_single_file(path, config=config, local_files_only=True, torch_dtype=dtype,
+        pipe = pipeline_class.from_single_file(path, config=config, local_files_only=True, dtype=dtype,
                                                **extra)
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         raise ModelLoadError(f"could not build a {architecture} pipeline from {path} with the bundled config "

@@ -20,7 +20,6 @@ shell; `train_r0(pipe, reward, config, out_dir)` from Python.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import dataclasses
@@ -37,7 +36,7 @@ import torch
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from . import checks, lora
+from . import checks, cli, lora, memory
 from .denoisers import DiffusersDenoiser
 from .files import atomic_save, atomic_write
 from .generate import checkpointed, decode, encode_prompts, latent_shape, start_latents
@@ -57,12 +56,12 @@ LATER_OPTIONS = {"eta_per_image": False, "plus_step_weights": None, "cfg_reward_
 
 @dataclass
 class R0Config:
-    prompts: list[str]
-    iterations: int = 400
-    batch_size: int = 8
+    prompts: list[str]                    # training prompts (--prompts: a text file, one per line)
+    iterations: int = 400                 # optimizer steps
+    batch_size: int = 8                   # images generated and scored per step
     steps: int = 4                        # K, the generator's sampler steps
     mode: str = "r0"                      # "r0": reward on the final image; "r0+": on x̂0 at a random step k
-    lr: float = 1e-3
+    lr: float = 1e-3                      # AdamW learning rate of the trained weights
     lora_rank: int = 8                    # 0 trains the full UNet
     lora_targets: str = "attention"       # "attention" or "all" (see r0_core.lora)
     reg_weight: float = 1e-2              # weight of ‖θ − θ0‖², the pull towards the pretrained model
@@ -73,15 +72,15 @@ class R0Config:
     cfg_reward_weight: float = 0.0        # weight of the implicit CFG reward (0: off)
     cfg_reward_t_range: tuple[float, float] = (0.02, 0.98)  # its re-noising levels, fractions of the timesteps
     normalize_gradients: Optional[bool] = None   # None: the reward's own setting (WeightedReward), else True
-    grad_clip: float = 1.0
-    adam_beta1: float = 0.9
+    grad_clip: float = 1.0                # gradient-norm clip (0: none)
+    adam_beta1: float = 0.9               # AdamW's first-moment decay
     ema_decay: float = 0.0                # EMA of the trained weights, saved instead of them (0: off)
-    seed: int = 0
-    height: Optional[int] = None
-    width: Optional[int] = None
-    checkpoint_every: int = 50
+    seed: int = 0                         # the same seed gives the same weights
+    height: Optional[int] = None          # training image height in pixels (None: the model's own)
+    width: Optional[int] = None           # training image width in pixels (None: the model's own)
+    checkpoint_every: int = 50            # iterations between resumable checkpoints
     mixed_precision: str = "auto"         # "no", "fp16", "bf16"; auto: bf16 on CUDA, else no
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: bool = True   # recompute UNet activations in backward: less memory, more time
 
     def __post_init__(self):
         if not self.prompts or any(not isinstance(p, str) or not p.strip() for p in self.prompts):
@@ -373,6 +372,10 @@ def run_iterations(config, trainable: Trainable, optimizer, accelerator, out_dir
     if saved is not None:
         trainable.load_state_dict(saved["trainable"])
         optimizer.load_state_dict(saved["optimizer"])
+        missing = [key for key in extra if key not in saved]
+        if missing:
+            raise OtherRun(f"{state_path} lacks {', '.join(missing)}: it was written by an earlier version of this "
+                           f"trainer; train into another folder, or delete it to start over")
         for key, item in extra.items():
             item.load_state_dict(saved[key])
         start, history = saved["iteration"], json.loads(saved["history"])
@@ -420,21 +423,27 @@ def train_r0(pipe, reward: Optional[RewardModel], config: R0Config, out_dir: str
     accelerator = accelerator or make_accelerator(config.mixed_precision, pipe.unet.device)
     lora_path = lora_path or os.path.join(out_dir, "r0_lora.safetensors")
     check_target(lora_path, out_dir, overwrite)
-    os.makedirs(out_dir, exist_ok=True)
     if reward is None and not config.cfg_reward_weight:
         raise ValueError("reward is None and cfg_reward_weight is 0: nothing to maximise; pass a reward "
                          "(load_reward, or a WeightedReward of several) or a cfg_reward_weight > 0")
     normalize = config.normalize_gradients
     if normalize is None:
         normalize = getattr(reward, "normalize_gradients", True)
-
     if any(p.is_inference() for p in pipe.unet.parameters()):
         raise ValueError("the pipeline's weights were made in torch.inference_mode(), so they cannot be trained; "
                          "load it outside inference mode (load_pipeline and the R0 Load Pipeline node do)")
+    _, _, h, w = latent_shape(pipe, 1, config.height, config.width)
+    memory.images_per_chunk(pipe, config.batch_size, h * pipe.vae_scale_factor, w * pipe.vae_scale_factor,
+                            cfg=config.guidance != 1, training=True, what="R0 training")
+    os.makedirs(out_dir, exist_ok=True)
     with torch.inference_mode(False), torch.enable_grad():  # ComfyUI runs nodes in inference mode
         pipe.vae.requires_grad_(False)
         pipe.text_encoder.requires_grad_(False)
-        # R0 trains on the base UNet alone (add_lora leaves only the new adapter active)
+        # R0 trains on the base UNet alone (add_lora leaves only the new adapter active): say so if LoRAs were on
+        others = [n for n, _ in lora.active_loras(pipe) if n != adapter]
+        if others:
+            logger.warning("R0 trains on the base UNet: the active LoRA(s) %s take no part in training or in the "
+                           "saved LoRA; apply them again beside it afterwards", ", ".join(others))
         fingerprint = run_fingerprint(config, pipe.unet, reward)
         trainable = Trainable(pipe.unet, config, adapter, keep_pretrained=config.cfg_reward_weight > 0)
         optimizer = torch.optim.AdamW(trainable.params, lr=config.lr, betas=(config.adam_beta1, 0.999),
@@ -513,37 +522,24 @@ def main(argv=None):
 
     from .loading import load_pipeline
 
-    defaults = R0Config(prompts=["x"])
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.make_parser("r0_core.train", __doc__)
     parser.add_argument("--model", default="tiny", help="tiny, a diffusers folder or a single-file checkpoint")
     parser.add_argument("--tokenizer-dir", help="CLIP tokenizer folder, for single-file checkpoints")
     parser.add_argument("--reward", action="append", default=[],
                         help="family:path[:support][@weight]; repeat to combine rewards (normalised gradients)")
     parser.add_argument("--prompts", required=True, help="a text file, one prompt per line")
     parser.add_argument("--out", required=True, help="folder for checkpoints, the curve and the LoRA")
-    special = ("prompts", "eta_range", "normalize_gradients", "plus_step_weights", "cfg_reward_t_range")
-    for f in dataclasses.fields(R0Config):
-        if f.name in special:
-            continue
-        value = getattr(defaults, f.name)
-        kind = type(value) if value is not None else int
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind if kind is not bool else
-                            lambda s: s.lower() in ("1", "true", "yes"), default=value)
-    parser.add_argument("--eta-range", type=float, nargs=2, default=defaults.eta_range)
-    parser.add_argument("--plus-step-weights", type=float, nargs="+", help="R0+: P(k), one weight per step")
-    parser.add_argument("--cfg-reward-t-range", type=float, nargs=2, default=defaults.cfg_reward_t_range,
-                        help="implicit CFG reward: re-noising levels as fractions of the training timesteps")
     parser.add_argument("--no-normalize", action="store_true", help="plain weighted reward sum")
+    parser.add_argument("--overwrite", action="store_true", help="replace a LoRA file this run did not make")
+    names = cli.add_config_arguments(parser, R0Config, R0Config(prompts=["x"]),
+                                     skip=("prompts", "normalize_gradients"))
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")   # a line per checkpoint, beside the bar
+    cli.setup_logging()   # a line per checkpoint, beside the bar
     if not args.reward and not args.cfg_reward_weight:
         parser.error("give at least one --reward, or --cfg-reward-weight > 0 (the implicit CFG reward)")
 
-    fields = {f.name for f in dataclasses.fields(R0Config)} - set(special)
-    config = R0Config(prompts=read_prompts(args.prompts), eta_range=tuple(args.eta_range),
-                      plus_step_weights=tuple(args.plus_step_weights) if args.plus_step_weights else None,
-                      cfg_reward_t_range=tuple(args.cfg_reward_t_range),
-                      normalize_gradients=not args.no_normalize, **{k: getattr(args, k) for k in fields})
+    config = R0Config(prompts=read_prompts(args.prompts), normalize_gradients=not args.no_normalize,
+                      **cli.config_values(args, names))
     precision = config.mixed_precision
     accelerator = Accelerator(mixed_precision=None if precision == "auto" else precision)
     pipe = load_pipeline(args.model, device=accelerator.device, tokenizer_dir=args.tokenizer_dir)
@@ -551,7 +547,7 @@ def main(argv=None):
     reward = WeightedReward([r for r, _ in rewards], [w for _, w in rewards]) if rewards else None
     for scorer in reward.scorers if reward is not None else []:
         scorer.to(accelerator.device)
-    result = train_r0(pipe, reward, config, args.out, accelerator=accelerator)
+    result = train_r0(pipe, reward, config, args.out, accelerator=accelerator, overwrite=args.overwrite)
     if accelerator.is_main_process:
         print(json.dumps({"lora": result.lora_path, "curve": result.curve_path,
                           "final": result.history[-1] if result.history else None}))

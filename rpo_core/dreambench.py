@@ -16,7 +16,6 @@ and their means over subjects (all, object, live). Every subject's images are ma
 evaluates a pipeline, optionally with one LoRA per subject (`--lora dog=dog.safetensors`)."""
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -28,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from r0_core import cli
 from r0_core.files import atomic_write
 from r0_core.tiny.evaluate import grid
 
@@ -398,7 +398,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     from r0_core.loading import load_pipeline
     from r0_core.rewards import load_reward
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.make_parser("rpo_core.dreambench", __doc__)
     parser.add_argument("--data", required=True, help="DreamBench dataset folder (or the folder holding dataset/)")
     parser.add_argument("--dino", required=True, help="DINO transformers folder (e.g. facebook/dino-vits16)")
     parser.add_argument("--clip", required=True, help="CLIP transformers folder (e.g. openai/clip-vit-base-patch32)")
@@ -407,17 +407,17 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser.add_argument("--lora", nargs="*", action="extend", default=[], metavar="SUBJECT=PATH",
                         help="a LoRA used for that subject's images (other subjects use the bare model)")
     parser.add_argument("--subjects", nargs="*", help="evaluate only these subjects (default: all present)")
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--guidance", type=float, default=1.0)
-    parser.add_argument("--eta", type=float, default=0.0)
-    parser.add_argument("--token", default=TOKEN)
+    parser.add_argument("--steps", type=int, default=4, help="R0 sampler steps K")
+    parser.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance (1: off)")
+    parser.add_argument("--eta", type=float, default=0.0, help="η of the R0 sampler")
+    parser.add_argument("--token", default=TOKEN, help="the rare token the LoRAs were trained with")
     parser.add_argument("--images-per-prompt", type=int, default=4, help="the protocol's is 4")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="image i of a prompt uses seed + i")
     parser.add_argument("--no-grids", action="store_true", help="do not write <subject>.png image grids")
     parser.add_argument("--device", help="default: CUDA, else MPS, else CPU")
     parser.add_argument("--out", required=True, help="folder for results.md, results.json, <subject>.json/.png")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cli.setup_logging()
 
     bench = read_dreambench(args.data)
     loras = parse_loras(args.lora, bench)

@@ -25,7 +25,6 @@ DreamBooth is the same trainer with `preference=False`.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import hashlib
@@ -38,13 +37,11 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from r0_core import checks, lora
-from r0_core.files import atomic_save
+from r0_core import checks, cli, lora, memory
 from r0_core.generate import generate
 from r0_core.rewards import LambdaHarmonic, RewardModel
-from r0_core.sampler import Cancelled
-from r0_core.train import (Trainable, check_target, load_state, make_accelerator, run_fingerprint, save_curve,
-                           save_trained)
+from r0_core.train import (Trainable, check_target, make_accelerator, optimizer_step, run_fingerprint,
+                           run_iterations, save_curve, save_trained)
 
 from .dreambench import strip_token
 
@@ -63,9 +60,9 @@ class RPOConfig:
     class_name: str                       # the class noun: "dog", "circle"
     prompts: Optional[list[str]] = None   # training prompts containing the token; None: PAPER_PROMPTS
     reference_prompt: Optional[str] = None  # None: "a <token> <class>"
-    iterations: int = 400
+    iterations: int = 400                 # optimizer steps
     batch_size: int = 4                   # (reference, negative) pairs per step
-    lr: float = 1e-4
+    lr: float = 1e-4                      # AdamW learning rate of the trained weights
     lora_rank: int = 8                    # 0 trains the full UNet
     lora_targets: str = "all"             # "attention" or "all" (see r0_core.lora)
     preference: bool = True               # False: DreamBooth (L_sim only)
@@ -74,14 +71,14 @@ class RPOConfig:
     lambda_train: float = 0.0             # λ of the labels' λ-Harmonic reward (the paper: 0, text only)
     lambda_val: float = 0.5               # λ of the validation reward
     prior_weight: float = 0.0             # DreamBooth prior preservation on class images from the frozen model
-    negatives_per_prompt: int = 4
-    validate_every: int = 40
+    negatives_per_prompt: int = 4         # negatives sampled per training prompt, reused across steps
+    validate_every: int = 40              # iterations between λ_val validations
     select_best: bool = True              # end with the best validated weights (False: the last ones)
     validation_images: int = 4            # per training prompt
     sampler_steps: int = 4                # K, for negatives and validation
     guidance: float = 2.0                 # CFG of the sampler for negatives and validation
-    seed: int = 0
-    checkpoint_every: int = 50
+    seed: int = 0                         # the same seed gives the same weights
+    checkpoint_every: int = 50            # iterations between resumable checkpoints
     mixed_precision: str = "auto"         # "no", "fp16", "bf16"; auto: bf16 on CUDA, else no
     gradient_checkpointing: bool = True   # recompute UNet activations in backward: SD-size UNets fit on less memory
 
@@ -136,6 +133,29 @@ class RPOResult:
     history: list[dict] = field(default_factory=list)
     validations: list[dict] = field(default_factory=list)
     cancelled: bool = False
+
+
+class Selection:
+    """RPO's checkpoint selection: every λ_val validation and the best weights so far, saved with the run's state
+    (run_iterations' `extra`) so a resumed run selects as an unbroken one would."""
+
+    def __init__(self, trainable):
+        self.trainable = trainable
+        self.validations: list[dict] = []
+        self.best = {"iteration": 0, "score": float("-inf"), "weights": trainable.state_dict()}
+
+    def update(self, iteration: int, result: dict) -> None:
+        self.validations.append({"iteration": iteration, **result})
+        if result["score"] > self.best["score"]:
+            self.best = {"iteration": iteration, "score": result["score"], "weights": self.trainable.state_dict()}
+
+    def state_dict(self) -> dict:
+        return {"validations": json.dumps(self.validations), "best": self.best["weights"],
+                "best_iteration": self.best["iteration"], "best_score": self.best["score"]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.validations = json.loads(state["validations"])
+        self.best = {"iteration": state["best_iteration"], "score": state["best_score"], "weights": state["best"]}
 
 
 # ----------------------------------------------------------------------------------------------- the pieces
@@ -234,6 +254,8 @@ def train_rpo(pipe, encoder: RewardModel, references: torch.Tensor, config: RPOC
                          f"N >= 1 (rpo_core.references.load_references makes that from image files)")
     checks.unit_range("references", references)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    # a step denoises each pair's reference and negative (no decoder in the loss, but validation decodes)
+    memory.images_per_chunk(pipe, 2 * config.batch_size, size, size, cfg=False, training=True, what="RPO training")
     if tuple(references.shape[-2:]) != (size, size):
         raise ValueError(f"references are {references.shape[-2]}x{references.shape[-1]} pixels; this model trains at "
                          f"{size}x{size}: fit them with rpo_core.references.load_references(..., size={size}) "
@@ -289,29 +311,10 @@ def train_rpo(pipe, encoder: RewardModel, references: torch.Tensor, config: RPOC
         unet, optimizer = accelerator.prepare(pipe.unet, optimizer)
         scheduler = pipe.scheduler  # add_noise and the prediction type: the training-time schedule
 
-        state_path = os.path.join(out_dir, "trainer_state.pt")
-        start, history, validations = 0, [], []
-        best = {"iteration": 0, "score": float("-inf"), "weights": trainable.state_dict()}
-        saved = load_state(state_path, fingerprint)
-        if saved is not None:
-            trainable.load_state_dict(saved["trainable"])
-            optimizer.load_state_dict(saved["optimizer"])
-            start, history, validations = saved["iteration"], json.loads(saved["history"]), \
-                json.loads(saved["validations"])
-            best = {"iteration": saved["best_iteration"], "score": saved["best_score"], "weights": saved["best"]}
+        scheduler = pipe.scheduler  # add_noise and the prediction type: the training-time schedule
+        selection = Selection(trainable)
 
-        def save_state(iteration):
-            if accelerator.is_main_process:
-                atomic_save({"fingerprint": fingerprint, "iteration": iteration,
-                             "trainable": trainable.state_dict(), "optimizer": optimizer.state_dict(),
-                             "history": json.dumps(history), "validations": json.dumps(validations),
-                             "best": best["weights"], "best_iteration": best["iteration"],
-                             "best_score": best["score"]}, state_path)
-
-        cancelled = False
-        for iteration in range(start, config.iterations):
-            gen = torch.Generator("cpu").manual_seed((config.seed * 1_000_003 + iteration) * 64
-                                                     + accelerator.process_index)
+        def step(iteration: int, gen: torch.Generator) -> dict:
             b = config.batch_size
             i_ref = torch.randint(len(references), (b,), generator=gen)
             i_neg = torch.randint(len(neg_images), (b,), generator=gen)
@@ -336,32 +339,20 @@ def train_rpo(pipe, encoder: RewardModel, references: torch.Tensor, config: RPOC
                         unet, scheduler, prior_latents[j].to(ref_latents), class_cond.expand(b, -1, -1), noise,
                         t).mean()
                 loss = l_sim + l_pref + l_prior
-            accelerator.backward(loss)
-            accelerator.clip_grad_norm_(trainable.params, 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            history.append({"iteration": iteration + 1, "loss": float(loss.detach()), "l_sim": float(l_sim.detach()),
-                            "l_pref": float(l_pref.detach()), "labels": float(labels.mean())})
-
+            optimizer_step(accelerator, trainable, optimizer, loss, 1.0)
             if (iteration + 1) % config.validate_every == 0 or iteration + 1 == config.iterations:
                 unet.eval()
-                result = validate(pipe, config, val_reward, config.seed * 100_003 + 50_000)
-                validations.append({"iteration": iteration + 1, **result})
-                if result["score"] > best["score"]:
-                    best = {"iteration": iteration + 1, "score": result["score"], "weights": trainable.state_dict()}
-            if (iteration + 1) % config.checkpoint_every == 0:
-                save_state(iteration + 1)
-            try:
-                if callback is not None:
-                    callback({"i": iteration, "total": config.iterations, **history[-1],
-                              "validation": validations[-1] if validations else None})
-            except Cancelled:
-                cancelled = True
-                save_state(iteration + 1)
-                break
-        else:
-            save_state(config.iterations)
+                selection.update(iteration + 1, validate(pipe, config, val_reward, config.seed * 100_003 + 50_000))
+            return {"iteration": iteration + 1, "loss": float(loss.detach()), "l_sim": float(l_sim.detach()),
+                    "l_pref": float(l_pref.detach()), "labels": float(labels.mean())}
 
+        def report(info: dict) -> None:
+            if callback is not None:
+                callback({**info, "validation": selection.validations[-1] if selection.validations else None})
+
+        history, cancelled = run_iterations(config, trainable, optimizer, accelerator, out_dir, fingerprint, step,
+                                            report, extra={"selection": selection})
+        validations, best = selection.validations, selection.best
         unet.eval()
         accelerator.unwrap_model(unet)
         if config.gradient_checkpointing:
@@ -390,28 +381,21 @@ def main(argv=None):
 
     from .references import load_references
 
-    defaults = RPOConfig(token="sks", class_name="x")
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.make_parser("rpo_core.train", __doc__)
     parser.add_argument("--model", default="tiny", help="tiny, a diffusers folder or a single-file checkpoint")
     parser.add_argument("--references", required=True, help="a folder of the subject's images")
     parser.add_argument("--encoder", default="clip:tiny",
                         help="the λ-Harmonic encoder as family:path[:support], e.g. align:/models/align-base")
     parser.add_argument("--prompts-file", help="training prompts, one per line (default: the paper's eight)")
     parser.add_argument("--out", required=True, help="folder for checkpoints, the curve and the LoRA")
-    skip = ("prompts",)
-    for f in dataclasses.fields(RPOConfig):
-        if f.name in skip:
-            continue
-        value = getattr(defaults, f.name) if f.name not in ("token", "class_name", "reference_prompt") else None
-        kind = type(value) if value is not None else str
-        parser.add_argument(f"--{f.name.replace('_', '-')}", required=f.name in ("token", "class_name"),
-                            type=kind if kind is not bool else lambda s: s.lower() in ("1", "true", "yes"),
-                            default=value)
+    parser.add_argument("--overwrite", action="store_true", help="replace a LoRA file this run did not make")
+    names = cli.add_config_arguments(parser, RPOConfig, RPOConfig(token="sks", class_name="x"), skip=("prompts",),
+                                     required=("token", "class_name"))
     args = parser.parse_args(argv)
+    cli.setup_logging()
 
-    fields = {f.name for f in dataclasses.fields(RPOConfig)} - set(skip)
     config = RPOConfig(prompts=read_prompts(args.prompts_file) if args.prompts_file else None,
-                       **{k: getattr(args, k) for k in fields})
+                       **cli.config_values(args, names))
     precision = config.mixed_precision
     accelerator = Accelerator(mixed_precision=None if precision == "auto" else precision)
     pipe = load_pipeline(args.model, device=accelerator.device)
@@ -419,7 +403,8 @@ def main(argv=None):
     encoder.to(accelerator.device)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     references = load_references(args.references, size)
-    result = train_rpo(pipe, encoder, references, config, args.out, accelerator=accelerator)
+    result = train_rpo(pipe, encoder, references, config, args.out, accelerator=accelerator,
+                       overwrite=args.overwrite)
     if accelerator.is_main_process:
         print(json.dumps({"lora": result.lora_path, "curve": result.curve_path,
                           "best_iteration": result.best_iteration, "best_score": result.best_score}))

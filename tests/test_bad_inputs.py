@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from r0_core import lora
 from r0_core.files import atomic_save, atomic_write
 from r0_core.generate import generate
+from r0_core.lcm import LCMConfig
 from r0_core.loading import TINY, ModelLoadError, load_pipeline
 from r0_core.rewards import load_reward
 from r0_core.rewards.composite import WeightedReward
@@ -87,12 +88,16 @@ CONFIGS = [
     (RPOConfig, {"lora_targets": "x"}, r"lora_targets='x'"),
     (RPOConfig, {"checkpoint_every": 0}, r"checkpoint_every=0; expected a whole number >= 1"),
     (RPOConfig, {"guidance": NAN}, r"guidance=nan"),
+    (LCMConfig, {"lr": NAN}, r"lr=nan; expected a finite number > 0"),
+    (LCMConfig, {"checkpoint_every": 0}, r"checkpoint_every=0; expected a whole number >= 1"),
+    (LCMConfig, {"lora_targets": "everything"}, r"lora_targets='everything'"),
 ]
 
 
 @pytest.mark.parametrize("cls, kwargs, message", CONFIGS, ids=[f"{c.__name__}-{next(iter(k))}" for c, k, _ in CONFIGS])
 def test_configs_refuse(cls, kwargs, message):
-    base = {"prompts": ["a red circle"]} if cls is R0Config else {"token": "vum", "class_name": "circle"}
+    base = {R0Config: {"prompts": ["a red circle"]}, RPOConfig: {"token": "vum", "class_name": "circle"},
+            LCMConfig: {}}[cls]
     with pytest.raises(ValueError, match=message):
         cls(**base, **kwargs)
 
@@ -221,3 +226,43 @@ def test_pickled_and_damaged_model_files_are_named(tmp_path):
     (clip_dir / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ModelLoadError, match=r"could not load the clip reward from .*clip \(SafetensorError"):
         load_reward("clip", str(clip_dir), device="cpu")
+
+
+# ----------------------------------------------------------------------------------------------- memory
+
+def test_requests_too_large_for_memory_are_refused_with_the_estimate(pipe, clip, monkeypatch, tmp_path):
+    from r0_core.memory import LIMIT_ENV, per_image_bytes
+    from r0_core.test_time import refine_noise
+    from r0_core.train import train_r0
+    # the node's largest request, 64 images at 4096 x 4096, on this machine's memory
+    with pytest.raises(MemoryError, match=r"generation of 1 image\(s\) at 4096x4096 needs about [\d.]+ GB .* free "
+                                          r"on cpu; use a smaller width/height"):
+        monkeypatch.setenv(LIMIT_ENV, "4")
+        generate(pipe, PROMPT * 64, width=4096, height=4096)
+    with pytest.raises(MemoryError, match=r"R0 training of 8 image\(s\) at 1024x1024"):
+        train_r0(pipe, clip, R0Config(prompts=PROMPT, height=1024, width=1024), str(tmp_path / "r0"))
+    with pytest.raises(MemoryError, match=r"test-time refinement of 4 image\(s\) at 2048x2048"):
+        refine_noise(pipe, clip, PROMPT[0], batch_size=4, height=2048, width=2048)
+    assert not os.path.exists(tmp_path / "r0")
+    # estimates grow with the pixels, CFG and training
+    small = per_image_bytes(pipe, 32, 32, cfg=False)
+    assert per_image_bytes(pipe, 64, 64, cfg=False) == 4 * small < per_image_bytes(pipe, 64, 64, cfg=True)
+    assert per_image_bytes(pipe, 32, 32, cfg=False, training=True) > small
+
+
+def test_batches_beyond_memory_run_in_chunks_with_the_same_images(pipe, monkeypatch):
+    from r0_core.memory import LIMIT_ENV, per_image_bytes
+    whole, _ = generate(pipe, PROMPT * 5, guidance=2.0, seeds=range(5))
+    per_image = per_image_bytes(pipe, 32, 32, cfg=True)
+    monkeypatch.setenv(LIMIT_ENV, str(2.5 * per_image / 0.9 / 2 ** 30))   # room for 2 images at a time
+    chunked, _ = generate(pipe, PROMPT * 5, guidance=2.0, seeds=range(5))
+    assert torch.allclose(whole, chunked, atol=1e-6)
+
+
+def test_r0_says_it_leaves_active_loras_out(clip, tmp_path, caplog):
+    from r0_core.train import train_r0
+    pipe = load_pipeline(TINY, device="cpu", dtype=torch.float32)
+    lora.add_lora(pipe.unet, rank=2, name="style")
+    with caplog.at_level("WARNING", logger="r0_core.train"):
+        train_r0(pipe, clip, R0Config(prompts=PROMPT, iterations=1, batch_size=1), str(tmp_path / "r0"))
+    assert "active LoRA(s) style take no part in training" in caplog.text

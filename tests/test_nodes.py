@@ -71,6 +71,19 @@ def test_model_names_resolve_only_inside_model_folders(tmp_path, monkeypatch):
         resolve_model("checkpoints/missing.safetensors")
     with pytest.raises(ValueError, match="expected 'tiny'"):
         resolve_model("loras/x.safetensors")
+    # a model the user keeps elsewhere and links into the folder is listed, and what is listed resolves
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "b.safetensors").write_bytes(b"")
+    (tmp_path / "checkpoints" / "b.safetensors").symlink_to(tmp_path / "elsewhere" / "b.safetensors")
+    assert bridge.list_files("checkpoints") == ["a.safetensors", "b.safetensors"]
+    assert resolve_model("checkpoints/b.safetensors") == str(tmp_path / "elsewhere" / "b.safetensors")
+
+
+def test_every_node_input_has_a_tooltip():
+    missing = [f"{node}.{name}" for node, cls in NODE_CLASS_MAPPINGS.items()
+               for section in cls.INPUT_TYPES().values() for name, spec in section.items()
+               if len(spec) < 2 or "tooltip" not in spec[1]]
+    assert not missing, missing
 
 
 def test_generate_node_outputs_comfy_image_and_raw_latent():

@@ -95,6 +95,8 @@ def test_rank_select_keeps_the_best_k_in_order(tiny_clip):
     assert kept == indices[:2]
     with pytest.raises(ValueError, match="no image reached threshold"):
         RewardRankSelect().select(tiny_clip, images, prompt, 3, 999.0, 16, False)
+    with pytest.raises(ValueError, match=r"k=0; expected a whole number >= 1"):
+        RewardRankSelect().select(tiny_clip, images, prompt, 0, -1000.0, 16, False)
 
 
 def test_combine_is_the_weighted_sum(tiny_clip):

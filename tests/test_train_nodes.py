@@ -53,17 +53,17 @@ def test_train_with_the_implicit_cfg_reward_and_ema(folders):
     assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)
 
 
-def test_cancel_keeps_a_partial_lora_and_says_where(folders, monkeypatch, capsys):
+def test_cancel_keeps_a_partial_lora_and_says_where(folders, monkeypatch, caplog):
     def cancel_at_2(total):
         def callback(info):
             if info["i"] == 1:
                 raise Cancelled
         return callback
     monkeypatch.setattr(bridge, "cancellable_progress", cancel_at_2)
-    with pytest.raises(Cancelled):
+    with pytest.raises(Cancelled), caplog.at_level("INFO"):
         train("stopped", steps=5)
     partial = folders / "models" / "loras" / "stopped_partial.safetensors"
-    assert partial.is_file() and str(partial) in capsys.readouterr().out
+    assert partial.is_file() and str(partial) in caplog.text
 
 
 def test_test_time_refine_node_returns_refined_and_initial_images(folders):
@@ -77,14 +77,16 @@ def test_test_time_refine_node_returns_refined_and_initial_images(folders):
     assert (scores[:2] >= scores[2:] - 1e-4).all()  # the best iterate is kept, never worse than the start
 
 
-def test_a_lora_the_run_did_not_make_is_never_overwritten(folders, capsys):
+def test_a_lora_the_run_did_not_make_is_never_overwritten(folders, caplog):
     loras = folders / "models" / "loras"
     loras.mkdir(parents=True)
     mine = loras / "portrait.safetensors"
     mine.write_bytes(b"the user's own LoRA")
-    _, path, _ = train("portrait")
+    with caplog.at_level("INFO"):
+        _, path, _ = train("portrait")
     assert path == str(loras / "portrait_2.safetensors") and mine.read_bytes() == b"the user's own LoRA"
-    assert "saved as portrait_2.safetensors" in capsys.readouterr().out
+    assert "saved as portrait_2.safetensors" in caplog.text
+    caplog.clear()
     # the same run queued again is found and reused, not moved to a third name
     assert train("portrait")[1] == path
     # another reward, or other settings, under the same name: a new run beside it, the first one kept
@@ -92,9 +94,10 @@ def test_a_lora_the_run_did_not_make_is_never_overwritten(folders, capsys):
     other_lr = train("portrait", lr=2e-3)[1]
     assert {other_reward, other_lr} == {str(loras / "portrait_3.safetensors"), str(loras / "portrait_4.safetensors")}
     # unless the user says to overwrite
-    _, replaced, _ = train("portrait", overwrite=True)
+    with caplog.at_level("INFO"):
+        _, replaced, _ = train("portrait", overwrite=True)
     assert replaced == str(mine) and mine.read_bytes() != b"the user's own LoRA"
-    assert "overwrite" in capsys.readouterr().out
+    assert "overwrite" in caplog.text
 
 
 @pytest.mark.parametrize("name", ["a/b", "a?b", "", " ", "x" * 101, "a\x00b", "../up"])

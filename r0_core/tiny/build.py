@@ -15,9 +15,9 @@ the UNet learn that the subjects' rare tokens mean nothing until fine-tuning giv
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
+import logging
 import math
 import os
 import random
@@ -28,35 +28,39 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from .. import cli
 from ..files import atomic_save
 from . import models, world
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
 class BuildConfig:
-    seed: int = 0
+    seed: int = 0                 # of every draw: data, initial weights, batches
     num_images: int = 100_000     # distinct training images; the UNet sees each about twice
-    vae_steps: int = 800
-    vae_batch: int = 32
-    vae_lr: float = 1e-3
+    vae_steps: int = 800          # VAE optimiser steps
+    vae_batch: int = 32           # VAE images per step
+    vae_lr: float = 1e-3          # VAE peak learning rate (cosine schedule)
     vae_kl_weight: float = 1e-6   # as in SD: latents only need to stay smooth, not Gaussian
-    clip_steps: int = 500
-    clip_batch: int = 128
-    clip_lr: float = 5e-4
-    unet_steps: int = 4000
-    unet_batch: int = 32
-    unet_lr: float = 3e-4
-    unet_warmup: int = 300
-    ema_decay: float = 0.999
+    clip_steps: int = 500         # CLIP optimiser steps
+    clip_batch: int = 128         # CLIP image-caption pairs per step
+    clip_lr: float = 5e-4         # CLIP peak learning rate
+    unet_steps: int = 4000        # UNet optimiser steps
+    unet_batch: int = 32          # UNet images per step
+    unet_lr: float = 3e-4         # UNet peak learning rate
+    unet_warmup: int = 300        # UNet warm-up steps
+    ema_decay: float = 0.999      # EMA of the UNet weights, which is what is saved
     caption_dropout: float = 0.1  # empty captions, so classifier-free guidance works
-    unet_nonsense_share: float = world.NONSENSE_SHARE       # the UNet's caption variations (the CLIP's are the
-    unet_colourless_share: float = world.COLOURLESS_SHARE   # world's): lower them to measure what they cost
-    reward_steps: int = 500
-    reward_batch: int = 64
-    reward_lr: float = 3e-4
+    # the UNet's caption variations (the CLIP's are the world's): lower them to measure what they cost
+    unet_nonsense_share: float = world.NONSENSE_SHARE       # UNet captions with a nonsense word inserted
+    unet_colourless_share: float = world.COLOURLESS_SHARE   # UNet captions with one colour left out
+    reward_steps: int = 500       # reward-CLIP optimiser steps
+    reward_batch: int = 64        # reward-CLIP images per step
+    reward_lr: float = 3e-4       # reward-CLIP peak learning rate
     reward_negatives: int = 4     # hard negatives per image, on top of the other captions of the batch
-    checkpoint_every: int = 250
-    threads: int = 1             # 2 threads train only ~12% faster on 2 cores and block the machine
+    checkpoint_every: int = 250   # steps between resumable checkpoints of every stage
+    threads: int = 1              # torch threads (2 train only ~12% faster on 2 cores and block the machine)
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -326,7 +330,7 @@ def save_world(out: str, vae, clip, reward_clip, tokenizer, unet, scheduler, cfg
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.make_parser("r0_core.tiny.build", __doc__)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "weights"),
                         help="where tiny-sd/ and tiny-clip/ are written (default: the shipped location)")
     parser.add_argument("--work", default="build/tiny", help="data and resumable checkpoints")
@@ -334,11 +338,10 @@ def main(argv=None):
                         help="run one stage and what it needs (trained stages load from their checkpoints), so "
                              "that independent stages can run in two processes at once (scripts/build_tiny.sh); "
                              "'save' is every stage up to the saved pipeline, without the reward stack")
-    for field in dataclasses.fields(BuildConfig):
-        parser.add_argument(f"--{field.name.replace('_', '-')}", type=field.type if callable(field.type)
-                            else type(field.default), default=field.default)
+    names = cli.add_config_arguments(parser, BuildConfig, BuildConfig())
     args = parser.parse_args(argv)
-    cfg = BuildConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BuildConfig)})
+    cli.quiet_libraries()
+    cfg = BuildConfig(**cli.config_values(args, names))
     torch.set_num_threads(cfg.threads)
     os.makedirs(args.work, exist_ok=True)
     started = time.time()
@@ -372,7 +375,7 @@ def main(argv=None):
         build_reward_stack(RewardStackConfig(seed=cfg.seed), os.path.join(args.work, "reward_stack"), pipe, clip,
                            tokenizer, images, captions, args.out, clip_dir=os.path.join(args.out, "tiny-clip"))
     if args.only is None:
-        print(f"built the tiny world in {(time.time() - started) / 60:.1f} min -> {args.out}")
+        logger.info(f"built the tiny world in {(time.time() - started) / 60:.1f} min -> {args.out}")
 
 
 if __name__ == "__main__":

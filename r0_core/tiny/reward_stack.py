@@ -35,12 +35,12 @@ captions` the ground-truth data of stage 1 and `clip_dir` the reward CLIP folder
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import hashlib
 import itertools
 import json
+import logging
 import os
 import random
 import re
@@ -54,13 +54,13 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from .. import cli
 from ..generate import generate
 from ..loading import TINY_AESTHETIC, TINY_HPS, TINY_IMAGE_REWARD
 from ..rewards.aesthetic import HEAD_LAYERS, AestheticScore
 from ..rewards.base import OPENAI_MEAN, OPENAI_STD, score_in_batches
 from ..rewards.clip_score import ClipScore
-from ..rewards.hps import OPEN_CLIP_CONFIG
-from ..rewards.hps import HPSv2, to_open_clip
+from ..rewards.hps import OPEN_CLIP_CONFIG, HPSv2, to_open_clip
 from ..rewards.image_reward import MLP_LAYERS, REWARD_MEAN, REWARD_STD, TEXT, VIT, ImageReward, vit_key
 from . import oracle, world
 from .build import caption_rng, cosine_lr, train_loop
@@ -74,6 +74,8 @@ FOLDERS = {"hpsv2": os.path.basename(os.path.dirname(TINY_HPS)),
 BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 IR_HIDDEN = (128, 32, 16, 8)         # ImageReward's MLP is 768-1024-128-64-16-1; scaled down
 AESTHETIC_HIDDEN = (256, 32, 16, 8)  # the LAION head is 768-1024-128-64-16-1
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -684,12 +686,12 @@ def build_reward_stack(cfg: RewardStackConfig, work: str, pipe, clip, tokenizer,
             "correct": float(samples.correct.mean()), "valid": float(samples.valid.mean()),
             "sampling_cpu_seconds": round(samples.cpu_seconds, 1), "training_pairs": train.counts(),
             "validation_pairs": validation.counts()}
-    print(f"preference data: {json.dumps(data)}")
+    logger.info(f"preference data: {json.dumps(data)}")
     written = {"hpsv2": build_hps(cfg, work, out, clip, tokenizer, pixels, train, validation, data),
                "image_reward": build_image_reward(cfg, work, out, images, captions, samples, pixels, train,
                                                   validation, data),
                "aesthetic": build_aesthetic(cfg, work, out, clip_dir, samples, pixels, train, validation, data)}
-    print(f"reward stack built in {(time.time() - started) / 60:.1f} min -> {out}")
+    logger.info(f"reward stack built in {(time.time() - started) / 60:.1f} min -> {out}")
     return written
 
 
@@ -698,7 +700,7 @@ def main(argv=None):
 
     from ..loading import TINY, TINY_CLIP_DIR, load_pipeline
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.make_parser("r0_core.tiny.reward_stack", __doc__)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "weights"),
                         help="where tiny-hps/, tiny-image-reward/ and tiny-aesthetic/ are written (default: the "
                              "shipped location)")
@@ -707,17 +709,10 @@ def main(argv=None):
     parser.add_argument("--clip", default=TINY_CLIP_DIR,
                         help="CLIP folder HPS starts from and the aesthetic head reads (default: tiny-clip)")
     parser.add_argument("--ground-truth", type=int, default=10_000, help="ground-truth images for BLIP's pretraining")
-    for field in dataclasses.fields(RewardStackConfig):
-        flag = f"--{field.name.replace('_', '-')}"
-        if isinstance(field.default, tuple):
-            parser.add_argument(flag, type=type(field.default[0]), nargs="+", default=field.default)
-        elif isinstance(field.default, bool):
-            parser.add_argument(flag, type=lambda v: v.lower() in ("1", "true", "yes"), default=field.default)
-        else:
-            parser.add_argument(flag, type=type(field.default), default=field.default)
+    names = cli.add_config_arguments(parser, RewardStackConfig, RewardStackConfig())
     args = parser.parse_args(argv)
-    cfg = RewardStackConfig(**{f.name: (tuple(v) if isinstance(v := getattr(args, f.name), list) else v)
-                               for f in dataclasses.fields(RewardStackConfig)})
+    cli.quiet_libraries()
+    cfg = RewardStackConfig(**cli.config_values(args, names))
     torch.set_num_threads(cfg.threads)
     pipe = load_pipeline(args.pipeline, device="cpu", dtype=torch.float32)
     clip = CLIPModel.from_pretrained(args.clip, local_files_only=True)
