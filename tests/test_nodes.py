@@ -101,6 +101,10 @@ def test_generate_node_outputs_comfy_image_and_raw_latent():
     again, _ = node.generate(pipeline, "a red circle", 4, 0.0, 2.0, 5, 3, 32, 32, True)
     assert torch.equal(image, again)
     assert pipe.unet.device.type == "cpu"
+    # the widgets' default size, 0, is the model's own (32 px here), not a fixed 512
+    assert R0FewStepGenerate.INPUT_TYPES()["required"]["width"][1]["default"] == 0
+    native, _ = node.generate(pipeline, "a red circle", 4, 0.0, 2.0, 5, 3, 0, 0, False)
+    assert torch.equal(native, image)
 
 
 def test_native_sampler_function_runs_on_a_denoiser_and_is_seeded():
