@@ -281,13 +281,18 @@ def save_curve(path: str, top: dict[str, tuple[list, list]], bottom: dict[str, t
     return path
 
 
+def resolve_precision(mixed_precision: str, device_type: str) -> str:
+    """The one "auto" rule, for the nodes and the command lines alike: bf16 on CUDA where supported, else none."""
+    if mixed_precision == "auto":
+        return "bf16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "no"
+    return mixed_precision
+
+
 def make_accelerator(mixed_precision: str, device: torch.device):
-    """An accelerate Accelerator for a trainer on `device`; "auto" precision is bf16 on CUDA, else none."""
+    """An accelerate Accelerator for a trainer on `device`, with resolve_precision's rule."""
     from accelerate import Accelerator
 
-    if mixed_precision == "auto":
-        mixed_precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
-    return Accelerator(mixed_precision=mixed_precision, cpu=device.type == "cpu")
+    return Accelerator(mixed_precision=resolve_precision(mixed_precision, device.type), cpu=device.type == "cpu")
 
 
 def save_trained(pipe, trainable: Trainable, accelerator, out_dir: str, lora_path: str, adapter: str,
@@ -540,8 +545,9 @@ def main(argv=None):
 
     config = R0Config(prompts=read_prompts(args.prompts), normalize_gradients=not args.no_normalize,
                       **cli.config_values(args, names))
-    precision = config.mixed_precision
-    accelerator = Accelerator(mixed_precision=None if precision == "auto" else precision)
+    # under `accelerate launch` each process gets its own device; "auto" follows the nodes' rule
+    accelerator = Accelerator(mixed_precision=resolve_precision(config.mixed_precision,
+                                                                "cuda" if torch.cuda.is_available() else "cpu"))
     pipe = load_pipeline(args.model, device=accelerator.device, tokenizer_dir=args.tokenizer_dir)
     rewards = [parse_reward(spec) for spec in args.reward]
     reward = WeightedReward([r for r, _ in rewards], [w for _, w in rewards]) if rewards else None

@@ -377,7 +377,7 @@ def main(argv=None):
     from accelerate import Accelerator
 
     from r0_core.loading import load_pipeline
-    from r0_core.train import parse_reward, read_prompts
+    from r0_core.train import parse_reward, read_prompts, resolve_precision
 
     from .references import load_references
 
@@ -396,8 +396,8 @@ def main(argv=None):
 
     config = RPOConfig(prompts=read_prompts(args.prompts_file) if args.prompts_file else None,
                        **cli.config_values(args, names))
-    precision = config.mixed_precision
-    accelerator = Accelerator(mixed_precision=None if precision == "auto" else precision)
+    accelerator = Accelerator(mixed_precision=resolve_precision(config.mixed_precision,
+                                                                "cuda" if torch.cuda.is_available() else "cpu"))
     pipe = load_pipeline(args.model, device=accelerator.device)
     encoder, _ = parse_reward(args.encoder)
     encoder.to(accelerator.device)
