@@ -53,12 +53,6 @@ def lora_targets(value: str, name: str = "lora_targets") -> str:
     return value
 
 
-def finite_tensor(name: str, tensor: torch.Tensor, fix: str) -> None:
-    """One pass over the tensor: NaN and inf carry into a float sum, so a finite sum means finite values."""
-    if not tensor.detach().sum(dtype=torch.float32).isfinite() and not torch.isfinite(tensor).all():
-        raise ValueError(f"{name} contains NaN or inf; {fix}")
-
-
 def unit_range(name: str, images: torch.Tensor, tolerance: float = 1e-2) -> None:
     """Float images in 0..1 (a little overshoot allowed): catches 0..255 and -1..1 images before they are scored
     or trained on as if they were 0..1."""

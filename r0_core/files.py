@@ -9,10 +9,13 @@ from typing import Callable
 import torch
 
 
-def _umask() -> int:
-    mask = os.umask(0)
+def _read_umask() -> int:
+    mask = os.umask(0)   # the only way to read it is to set it: done once, at import, not around every save
     os.umask(mask)
     return mask
+
+
+UMASK = _read_umask()
 
 
 def _alive(pid: int) -> bool:
@@ -57,7 +60,7 @@ def atomic_write(path: str, write: Callable[[str], None]) -> str:
         os.makedirs(folder, exist_ok=True)
         remove_orphans(path)
         write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~UMASK)
         os.replace(tmp, path)
     except Exception as e:
         if not _is_io_error(e):

@@ -89,11 +89,9 @@ def generate(pipe, prompts: list[str], *, steps: int = 4, eta: float = 0.0, guid
     seeds = list(range(len(prompts))) if seeds is None else list(seeds)
     if len(seeds) != len(prompts):
         raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts; pass one seed per image")
-    _, _, h, w = latent_shape(pipe, 1, height, width)
-    scale = pipe.vae_scale_factor
     # as many images at once as memory allows (refused if not even one fits); seeded per image, so chunks
     # change nothing in the result
-    chunk = memory.images_per_chunk(pipe, len(prompts), h * scale, w * scale, cfg=guidance != 1.0)
+    chunk = memory.images_per_chunk(pipe, len(prompts), height, width, cfg=guidance != 1.0)
     images, latents = [], []
     for start in range(0, len(prompts), chunk):
         cond, uncond = encode_prompts(pipe, prompts[start:start + chunk], guidance)

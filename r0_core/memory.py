@@ -16,6 +16,8 @@ from typing import Optional
 
 import torch
 
+from . import checks
+
 UNET_COPIES = 40     # copies of the UNet's largest feature map alive per image during one call
 VAE_COPIES = 6       # copies of the decoder's full-resolution feature map alive per image
 TRAIN_FACTOR = 9     # training / inference per image (see the module docstring)
@@ -52,10 +54,13 @@ def _gb(n: float) -> str:
     return f"{n / 2 ** 30:.1f} GB"
 
 
-def images_per_chunk(pipe, batch: int, height: int, width: int, *, cfg: bool, training: bool = False,
-                     what: str = "generation", limit: Optional[int] = None) -> int:
-    """How many of `batch` images fit at once (training: all must, or it is refused). Raises MemoryError naming
-    the request, the estimate and the fix when not even one image fits."""
+def images_per_chunk(pipe, batch: int, height: Optional[int], width: Optional[int], *, cfg: bool,
+                     training: bool = False, what: str = "generation", limit: Optional[int] = None) -> int:
+    """How many of `batch` images at height x width (None: the model's own size) fit at once (training: all must,
+    or it is refused). Raises MemoryError naming the request, the estimate and the fix when not even one fits."""
+    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    height = checks.image_side("height", height, pipe.vae_scale_factor, native)
+    width = checks.image_side("width", width, pipe.vae_scale_factor, native)
     need = per_image_bytes(pipe, height, width, cfg=cfg, training=training)
     have = int((available_bytes(pipe.unet.device) if limit is None else limit) * HEADROOM)
     fits = have // max(need, 1)

@@ -87,9 +87,8 @@ def refine_noise(pipe, reward: RewardModel, prompt: str | Sequence[str], *, iter
     Works inside torch.inference_mode() (as ComfyUI runs nodes); the pipeline's weights are never changed.
     """
     prompts = _check(pipe, reward, prompt, iterations, lr, batch_size, reg_weight, grad_clip, guidance)
-    _, _, h, w = latent_shape(pipe, 1, height, width)
-    memory.images_per_chunk(pipe, batch_size, h * pipe.vae_scale_factor, w * pipe.vae_scale_factor,
-                            cfg=guidance != 1, training=True, what="test-time refinement")
+    memory.images_per_chunk(pipe, batch_size, height, width, cfg=guidance != 1, training=True,
+                            what="test-time refinement")
     cfg = ImplicitCFG(cfg_reward_weight, cfg_reward_t_range) if cfg_reward_weight else None
     with torch.inference_mode(False), torch.enable_grad(), _frozen(pipe.unet, pipe.vae, reward):
         render, noise, guided = _generator(pipe, prompts, seed=seed, steps=steps, eta=eta, guidance=guidance,

@@ -437,9 +437,8 @@ def train_r0(pipe, reward: Optional[RewardModel], config: R0Config, out_dir: str
     if any(p.is_inference() for p in pipe.unet.parameters()):
         raise ValueError("the pipeline's weights were made in torch.inference_mode(), so they cannot be trained; "
                          "load it outside inference mode (load_pipeline and the R0 Load Pipeline node do)")
-    _, _, h, w = latent_shape(pipe, 1, config.height, config.width)
-    memory.images_per_chunk(pipe, config.batch_size, h * pipe.vae_scale_factor, w * pipe.vae_scale_factor,
-                            cfg=config.guidance != 1, training=True, what="R0 training")
+    memory.images_per_chunk(pipe, config.batch_size, config.height, config.width, cfg=config.guidance != 1,
+                            training=True, what="R0 training")
     os.makedirs(out_dir, exist_ok=True)
     with torch.inference_mode(False), torch.enable_grad():  # ComfyUI runs nodes in inference mode
         pipe.vae.requires_grad_(False)

@@ -253,9 +253,9 @@ def train_rpo(pipe, encoder: RewardModel, references: torch.Tensor, config: RPOC
         raise ValueError(f"references have shape {tuple(references.shape)}; expected [N, 3, H, W] in 0..1 with "
                          f"N >= 1 (rpo_core.references.load_references makes that from image files)")
     checks.unit_range("references", references)
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     # a step denoises each pair's reference and negative (no decoder in the loss, but validation decodes)
-    memory.images_per_chunk(pipe, 2 * config.batch_size, size, size, cfg=False, training=True, what="RPO training")
+    memory.images_per_chunk(pipe, 2 * config.batch_size, None, None, cfg=False, training=True, what="RPO training")
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     if tuple(references.shape[-2:]) != (size, size):
         raise ValueError(f"references are {references.shape[-2]}x{references.shape[-1]} pixels; this model trains at "
                          f"{size}x{size}: fit them with rpo_core.references.load_references(..., size={size}) "
