@@ -176,7 +176,8 @@ def save_image_reward(folder, width: int = 128, layers: int = 2, patch: int = 8,
            "vocab_size": len(vocab) + 2,  # BLIP's tokenizer adds [DEC] and [ENC]
            "pad_token_id": 0, "type_vocab_size": 2, "hidden_dropout_prob": 0.1,
            "attention_probs_dropout_prob": 0.1, "add_cross_attention": True,
-           "encoder_width": 768}  # stale, as in the official file: the ViT width from the checkpoint wins
+           "encoder_width": 768,  # stale, as in the official file: the ViT width from the checkpoint wins
+           "vision_num_attention_heads": heads(width)}  # a width BLIP does not build: its heads are given
     (folder / "med_config.json").write_text(json.dumps(med))
 
     generator = torch.Generator().manual_seed(0)

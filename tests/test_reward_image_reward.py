@@ -132,3 +132,24 @@ def test_missing_files_are_listed(tmp_path):
     (tmp_path / "med_config.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match=r"missing: ImageReward checkpoint .*vocab\.txt"):
         ImageReward.from_pretrained(str(tmp_path / "ImageReward.pt"))
+
+
+def test_vit_heads_come_from_the_config(tiny, tmp_path):
+    """BLIP builds ViT-B (768) and ViT-L (1024); at any other width the head count must be given, never guessed."""
+    import json
+    import shutil
+
+    for name in ("ImageReward.pt", "vocab.txt"):
+        shutil.copy(tiny["folder"] / name, tmp_path / name)
+    med = json.loads((tiny["folder"] / "med_config.json").read_text())
+    med["vision_num_attention_heads"] = 4   # 128 wide: 4 heads of 32 instead of 2 of 64 scores differently
+    (tmp_path / "med_config.json").write_text(json.dumps(med))
+    images = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        two = ImageReward.from_pretrained(str(tiny["folder"] / "ImageReward.pt"))(images, PROMPTS[:2])
+        four = ImageReward.from_pretrained(str(tmp_path / "ImageReward.pt"))(images, PROMPTS[:2])
+    assert not torch.allclose(two, four, atol=1e-4)
+    del med["vision_num_attention_heads"]
+    (tmp_path / "med_config.json").write_text(json.dumps(med))
+    with pytest.raises(ModelLoadError, match=r"ViT is 128 wide.*vision_num_attention_heads.*med_config\.json"):
+        ImageReward.from_pretrained(str(tmp_path / "ImageReward.pt"))

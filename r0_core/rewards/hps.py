@@ -206,9 +206,17 @@ class HPSv2(ClipScore):
         size = clip_config.vision_config.image_size
         return cls(model.eval(), tokenizer, size, None, OPENAI_MEAN, OPENAI_STD)
 
+    @staticmethod
+    def clean(prompt: str) -> str:
+        """What open_clip's tokenizer does before BPE and transformers' does not: ftfy's fixes (curly quotes made
+        straight, mojibake repaired, full-width letters narrowed) and HTML entities un-escaped twice ("&amp;amp;"
+        is "&")."""
+        import ftfy
+
+        return html.unescape(html.unescape(ftfy.fix_text(prompt))).strip()
+
     def text_embeds(self, prompts: Sequence[str]) -> torch.Tensor:
-        # open_clip's tokenizer un-escapes HTML entities twice before BPE ("&amp;" is "&"); transformers' does not
-        return super().text_embeds([html.unescape(html.unescape(p)).strip() for p in prompts])
+        return super().text_embeds([self.clean(p) for p in prompts])
 
     def image_embeds(self, images: torch.Tensor) -> torch.Tensor:
         pixels = preprocess(letterbox(images.float(), self.size), (self.size, self.size), self.mean, self.std)

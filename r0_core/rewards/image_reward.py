@@ -23,6 +23,9 @@ VIT, TEXT = "blip.visual_encoder.", "blip.text_encoder."
 MARKERS = (VIT + "cls_token", VIT + "pos_embed", VIT + "patch_embed.proj.weight",
            TEXT + "embeddings.word_embeddings.weight",
            *(f"mlp.layers.{i}.{p}" for i in MLP_LAYERS for p in ("weight", "bias")))
+# BLIP's create_vit builds ViT-B/16 (768 wide, 12 heads) and ViT-L/16 (1024, 16); tensor shapes cannot tell heads
+# apart, so any other width needs "vision_num_attention_heads" in med_config.json
+VIT_HEADS = {768: 12, 1024: 16}
 MED_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
               "max_position_embeddings", "layer_norm_eps", "hidden_act")
 
@@ -61,15 +64,20 @@ def load_exactly(model: torch.nn.Module, state: dict[str, torch.Tensor], path: s
         raise ModelLoadError(f"ImageReward {what} in {path} does not fit its config: {e}") from e
 
 
-def build_vision(state: dict[str, torch.Tensor], path: str):
+def build_vision(state: dict[str, torch.Tensor], med: dict, path: str):
     from transformers import BlipVisionConfig, BlipVisionModel
 
     vit = {vit_key(k[len(VIT):]): v for k, v in state.items() if k.startswith(VIT)}
     width = vit["embeddings.class_embedding"].shape[-1]
+    heads = med.get("vision_num_attention_heads") or VIT_HEADS.get(width)
+    if not heads or width % heads:
+        raise ModelLoadError(f"{path}: its ViT is {width} wide, not BLIP's ViT-B (768) or ViT-L (1024), so its head "
+                             f"count cannot be told from its tensors; add \"vision_num_attention_heads\" to its "
+                             f"med_config.json")
     patch = vit["embeddings.patch_embedding.weight"].shape[-1]
     grid = round((vit["embeddings.position_embedding"].shape[1] - 1) ** 0.5)
     layers = len({k.split(".")[2] for k in vit if k.startswith("encoder.layers.")})
-    config = BlipVisionConfig(hidden_size=width, num_hidden_layers=layers, num_attention_heads=width // 64,
+    config = BlipVisionConfig(hidden_size=width, num_hidden_layers=layers, num_attention_heads=heads,
                               intermediate_size=vit["encoder.layers.0.mlp.fc1.weight"].shape[0],
                               image_size=grid * patch, patch_size=patch, hidden_act="gelu",
                               layer_norm_eps=1e-6,  # BLIP's ViT uses LayerNorm(eps=1e-6), not the 1e-5 default
@@ -133,7 +141,7 @@ class ImageReward(RewardModel):
             raise ModelLoadError(f"{med_config_path} lacks {', '.join(absent)}; expected ImageReward's BERT config")
 
         state = read_image_reward(checkpoint_path)
-        vision = build_vision(state, checkpoint_path)
+        vision = build_vision(state, med, checkpoint_path)
         text = build_text(state, med, vision.config.hidden_size, checkpoint_path)
         tokenizer = build_tokenizer(tokenizer_dir)
         if len(tokenizer) > text.config.vocab_size:

@@ -95,7 +95,7 @@ class RewardStackConfig:
     hps_lr: float = 2e-5              # peak learning rate (cosine schedule, 10% warmup, as every stage here)
     hps_train_layers: int = 1         # top transformer layers trained in each tower; those below stay locked
     # tiny ImageReward: the BLIP towers, their matching pretraining and the preference fine-tuning
-    blip_vision_width: int = 128      # a multiple of 64: the loader gives BLIP's ViT 64-wide heads
+    blip_vision_width: int = 128      # a multiple of 64: BLIP's ViT has 64-wide heads
     blip_vision_layers: int = 4       # ViT blocks
     blip_patch: int = 8               # 16 image tokens: cross-attention over 64 (4-pixel patches) did not start
                                       # learning within 400 matching steps, over 16 it does after ~200
@@ -423,7 +423,9 @@ def med_config(cfg: RewardStackConfig, vocab_size: int) -> dict:
             "num_attention_heads": cfg.blip_text_heads, "max_position_embeddings": 40, "layer_norm_eps": 1e-12,
             "vocab_size": vocab_size, "pad_token_id": 0, "type_vocab_size": 2, "hidden_dropout_prob": 0.1,
             "attention_probs_dropout_prob": 0.1, "initializer_range": 0.02, "add_cross_attention": True,
-            "encoder_width": cfg.blip_vision_width}
+            "encoder_width": cfg.blip_vision_width,
+            # not in ImageReward's file: its ViT-L's 16 heads are known, this ViT's are not (64 wide, as ViT-L's)
+            "vision_num_attention_heads": cfg.blip_vision_width // 64}
 
 
 # BlipVisionModel names -> BLIP's timm-style ViT names: the inverse of image_reward.VIT_RENAMES
@@ -468,7 +470,7 @@ def init_image_reward(cfg: RewardStackConfig, folder: str) -> ImageReward:
         torch.manual_seed(cfg.seed + 40)
         w = cfg.blip_vision_width
         vision = BlipVisionModel(BlipVisionConfig(
-            hidden_size=w, num_hidden_layers=cfg.blip_vision_layers, num_attention_heads=w // 64,
+            hidden_size=w, num_hidden_layers=cfg.blip_vision_layers, num_attention_heads=med["vision_num_attention_heads"],
             intermediate_size=4 * w, image_size=world.IMAGE_SIZE, patch_size=cfg.blip_patch,
             initializer_range=0.02))  # BLIP's default of 1e-10 is for loading weights, not training
         text = BlipTextModel(BlipTextConfig(
