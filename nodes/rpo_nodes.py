@@ -7,9 +7,10 @@ import logging
 import torch
 
 from r0_core import lora
+from r0_core.loading import TINY
 from r0_core.tiny import subjects
 from rpo_core.references import image_batch, load_references
-from rpo_core.train import RPOConfig, train_rpo
+from rpo_core.train import RPOConfig, default_prompts, train_rpo
 
 from . import bridge
 from .r0_nodes import PIPELINE
@@ -76,15 +77,17 @@ class RPOTrain:
             "class_name": ("STRING", {"default": "dog", "tooltip": "the subject's class noun"}),
             "prompts": ("STRING", {"multiline": True, "default": "",
                                    "tooltip": "training prompts with the token, one per line; empty: the paper's "
-                                              "eight"}),
+                                              "eight (on the built-in tiny model, the tiny subjects' eight, which "
+                                              "its tokenizer can read)"}),
             "steps": ("INT", {"tooltip": "training iterations", "default": 400, "min": 1, "max": 100000}),
             "lambda_val": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.05,
                                      "tooltip": "λ of the validation reward: 1 subject only, 0 prompt only"}),
-            "beta": ("FLOAT", {"default": 2.0, "min": 0.0, "max": 1e6, "step": 0.5,
+            "beta": ("FLOAT", {"default": RPOConfig.beta, "min": 0.0, "max": 1e6, "step": 0.5,
                                 "tooltip": "scale of the preference loss's Δ; too large and it swamps the "
                                            "diffusion loss (watch L_sim in the curve)"}),
-            "tau": ("FLOAT", {"default": 0.1, "min": 1e-4, "max": 10.0, "step": 0.005,
-                              "tooltip": "temperature of the preference labels σ((r_ref − r_gen)/τ)"}),
+            "tau": ("FLOAT", {"default": RPOConfig.tau, "min": 1e-4, "max": 10.0, "step": 0.005,
+                              "tooltip": "temperature of the preference labels σ((r_ref − r_gen)/τ); 1 is the "
+                                         "official rule"}),
             "lr": ("FLOAT", {"default": 1e-4, "min": 1e-7, "max": 1.0, "step": 1e-5,
                              "tooltip": "learning rate (LoRA); the full UNet wants far less, e.g. 5e-6"}),
             "lora_rank": ("INT", {"default": 8, "min": 0, "max": 256, "tooltip": "0 trains the full UNet"}),
@@ -114,7 +117,8 @@ class RPOTrain:
         pipe = pipeline["pipe"].to(pipeline["device"])
         size = pipe.unet.config.sample_size * pipe.vae_scale_factor
         lines = [p.strip() for p in prompts.splitlines() if p.strip()]
-        config = RPOConfig(token=token.strip(), class_name=class_name.strip(), prompts=lines or None,
+        lines = lines or default_prompts(token.strip(), class_name.strip(), tiny=pipeline["path"] == TINY)
+        config = RPOConfig(token=token.strip(), class_name=class_name.strip(), prompts=lines,
                            iterations=steps, lambda_val=lambda_val, beta=beta, tau=tau, lr=lr, lora_rank=lora_rank,
                            validate_every=validate_every, seed=seed, preference=preference,
                            sampler_steps=sampler_steps, guidance=guidance)

@@ -68,3 +68,13 @@ def unit_range(name: str, images: torch.Tensor, tolerance: float = 1e-2) -> None
         hint = ("they look like 0..255 values: divide by 255" if high > 2 else
                 "they look like -1..1 values: use (x + 1) / 2" if low < -0.5 else "clamp them to 0..1")
         raise ValueError(f"{name} range from {low.item():.3g} to {high.item():.3g}; expected 0..1 ({hint})")
+
+
+def prompts_fit(tokenizer, prompts, name: str = "prompts") -> None:
+    """Every prompt within the text encoder's token limit: a trainer must not learn from a silently cut prompt."""
+    limit = tokenizer.model_max_length
+    for prompt in prompts:
+        count = len(tokenizer(prompt).input_ids)   # with the start and end tokens, as the encoder sees them
+        if count > limit:
+            raise ValueError(f"{name}: {prompt!r} is {count} tokens long, past the text encoder's limit of {limit} "
+                             f"(start and end included); shorten it, since the encoder would drop the end")

@@ -7,18 +7,23 @@ Before training:
   2. rewards with λ_train-Harmonic: r_ref[i, p] for reference i scored against prompt p, r_gen[j] for negative j
      against its own prompt.
 One iteration, for a batch of (reference, negative) pairs:
-  3. label y ~ Bernoulli(σ((r_ref − r_gen) / τ)): 1 prefers the reference, 0 the negative;
+  3. label y ~ Bernoulli(σ((r_ref − r_gen) / τ)), drawn anew for every use of a pair, with r_ref the reference
+     scored against the negative's own prompt (token included) and τ = 1 as the official code (no temperature):
+     1 prefers the reference, 0 the negative;
   4. one noise and one timestep per pair; ℓ = per-image diffusion MSE, ℓ_θ from the trained model and ℓ_ref
      from the frozen one; Δ = (ℓ_ref − ℓ_θ)(reference) − (ℓ_ref − ℓ_θ)(negative);
   5. L = L_sim + L_pref with L_sim = mean ℓ_θ(reference) (+ prior_weight · ℓ_θ(class image) for DreamBooth with
      prior preservation) and L_pref = −mean[y log σ(βΔ) + (1 − y) log σ(−βΔ)]; one AdamW step;
-  6. every `validate_every` iterations: sample the training prompts with the K-step sampler, score with
-     λ_val-Harmonic against the references (rare token removed for the text term) and keep the best weights.
+  6. every `validate_every` iterations: sample the validation prompts (default: the training prompts) with the
+     K-step sampler, score with λ_val-Harmonic against the references (rare token removed for the text term) and
+     keep the best weights. Each validation keeps its per-image cosines, so `select(validations, lam)` can pick
+     the checkpoint of any other λ_val afterwards (with `keep_validated`, whose weights are saved).
 
-Deviations from the paper's SD script, on purpose: β is applied (it is parsed and ignored there), noise and
-timestep are shared within a pair (as its SDXL script and Diffusion-DPO do), labels have a temperature τ (there
-the reward gap of ~0.05 makes them near coin flips), and validation uses the few-step sampler (50 steps there).
-DreamBooth is the same trainer with `preference=False`.
+Deviations from the paper's SD script, on purpose: β is applied (it is parsed and ignored there; its SDXL script
+applies it), noise and timestep are shared within a pair (as its SDXL script and Diffusion-DPO do), a label
+temperature τ is offered (default 1: none), validation uses the few-step sampler (50 steps there), and a
+reference's reward is scored per pair rather than once per image (its SD script reuses one generated image's
+reward for every label on one GPU). DreamBooth is the same trainer with `preference=False`.
 
 `python -m rpo_core.train --help` (or `accelerate launch -m rpo_core.train ...`) runs it from the shell;
 `train_rpo(pipe, encoder, references, config, out_dir)` from Python.
@@ -37,9 +42,12 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from r0_core import checks, cli, lora, memory
+from safetensors.torch import load_file, save_file
+
+from r0_core import checks, cli, files, lora, memory
 from r0_core.generate import generate
 from r0_core.rewards import LambdaHarmonic, RewardModel
+from r0_core.rewards.composite import lambda_harmonic
 from r0_core.train import (Trainable, check_target, make_accelerator, optimizer_step, run_fingerprint,
                            run_iterations, save_curve, save_trained)
 
@@ -52,6 +60,15 @@ PAPER_PROMPTS = (
     "a {0} {1} with the Statue of Liberty in the background", "a {0} {1} with a volcano in the background",
     "a {0} {1} on a subway platform",
 )
+
+
+def default_prompts(token: str, class_name: str, tiny: bool) -> list[str]:
+    """The paper's eight training prompts; for the built-in tiny model, whose tokenizer spells only its world's
+    words, the tiny subjects' eight ("a vum circle left of a yellow triangle", ...)."""
+    if tiny:
+        from r0_core.tiny.subjects import training_prompts_for
+        return training_prompts_for(token, class_name)
+    return [p.format(token, class_name) for p in PAPER_PROMPTS]
 
 
 @dataclass
@@ -67,12 +84,14 @@ class RPOConfig:
     lora_targets: str = "all"             # "attention" or "all" (see r0_core.lora)
     preference: bool = True               # False: DreamBooth (L_sim only)
     beta: float = 2.0                     # scale of Δ inside the logistic loss (see the README: Δ's size varies)
-    tau: float = 0.1                      # label temperature on the reward gap
+    tau: float = 1.0                      # label temperature on the reward gap (1: the official rule)
     lambda_train: float = 0.0             # λ of the labels' λ-Harmonic reward (the paper: 0, text only)
     lambda_val: float = 0.5               # λ of the validation reward
     prior_weight: float = 0.0             # DreamBooth prior preservation on class images from the frozen model
     negatives_per_prompt: int = 4         # negatives sampled per training prompt, reused across steps
+    validation_prompts: Optional[list[str]] = None  # prompts of the λ_val validation; None: the training ones
     validate_every: int = 40              # iterations between λ_val validations
+    keep_validated: bool = False          # also save each validation's weights (validations/), for select()
     select_best: bool = True              # end with the best validated weights (False: the last ones)
     validation_images: int = 4            # per training prompt
     sampler_steps: int = 4                # K, for negatives and validation
@@ -88,12 +107,18 @@ class RPOConfig:
             if not isinstance(value, str) or not value.strip() or len(value.split()) != 1 and name == "token":
                 raise ValueError(f"{name}={value!r}; expected a non-empty word (token: one word, e.g. 'sks')")
         if self.prompts is None:
-            self.prompts = [p.format(self.token, self.class_name) for p in PAPER_PROMPTS]
+            self.prompts = default_prompts(self.token, self.class_name, tiny=False)
         if not self.prompts or any(not isinstance(p, str) or not p.strip() for p in self.prompts):
             raise ValueError("prompts: expected one or more non-empty training prompts")
-        missing = [p for p in self.prompts if self.token not in p.split()]
+        if self.validation_prompts is None:
+            self.validation_prompts = list(self.prompts)
+        if not self.validation_prompts or any(not isinstance(p, str) or not p.strip()
+                                              for p in self.validation_prompts):
+            raise ValueError("validation_prompts: expected one or more non-empty prompts (or None: the training "
+                             "prompts)")
+        missing = [p for p in self.prompts + self.validation_prompts if self.token not in p.split()]
         if missing:
-            raise ValueError(f"training prompts {missing} lack the token {self.token!r}; write it where the subject "
+            raise ValueError(f"prompts {missing} lack the token {self.token!r}; write it where the subject "
                              f"goes, e.g. 'a {self.token} {self.class_name} on the beach'")
         if self.reference_prompt is None:
             self.reference_prompt = f"a {self.token} {self.class_name}"
@@ -116,7 +141,8 @@ class RPOConfig:
 
     def fingerprint(self) -> str:
         keep = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("iterations", "checkpoint_every",
-                                                                                  "gradient_checkpointing")}
+                                                                                  "gradient_checkpointing",
+                                                                                  "keep_validated")}
         return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def strip(self, prompt: str) -> str:
@@ -139,8 +165,8 @@ class Selection:
     """RPO's checkpoint selection: every λ_val validation and the best weights so far, saved with the run's state
     (run_iterations' `extra`) so a resumed run selects as an unbroken one would."""
 
-    def __init__(self, trainable):
-        self.trainable = trainable
+    def __init__(self, trainable, keep_in: Optional[str] = None):
+        self.trainable, self.keep_in = trainable, keep_in
         self.validations: list[dict] = []
         self.best = {"iteration": 0, "score": float("-inf"), "weights": trainable.state_dict()}
 
@@ -148,6 +174,9 @@ class Selection:
         self.validations.append({"iteration": iteration, **result})
         if result["score"] > self.best["score"]:
             self.best = {"iteration": iteration, "score": result["score"], "weights": self.trainable.state_dict()}
+        if self.keep_in is not None:
+            path = validated_path(self.keep_in, iteration)
+            files.atomic_write(path, lambda tmp: save_file(self.trainable.state_dict(), tmp))
 
     def state_dict(self) -> dict:
         return {"validations": json.dumps(self.validations), "best": self.best["weights"],
@@ -156,6 +185,36 @@ class Selection:
     def load_state_dict(self, state: dict) -> None:
         self.validations = json.loads(state["validations"])
         self.best = {"iteration": state["best_iteration"], "score": state["best_score"], "weights": state["best"]}
+
+
+def validated_path(out_dir: str, iteration: int) -> str:
+    return os.path.join(out_dir, "validations", f"{iteration:07d}.safetensors")
+
+
+def validation_score(validation: dict, lam: float) -> float:
+    """A stored validation's mean λ-Harmonic reward under any λ, from its per-image cosines."""
+    return float(lambda_harmonic(torch.tensor(validation["image_cos"]), torch.tensor(validation["text_cos"]),
+                                 lam).mean())
+
+
+def select(validations: list[dict], lam: float) -> dict:
+    """The validation λ_val = lam keeps: the highest mean λ-Harmonic reward, the earliest of equals."""
+    if not validations:
+        raise ValueError("no validations to select from: the run validated nothing (validate_every > iterations?)")
+    return max(validations, key=lambda v: (validation_score(v, lam), -v["iteration"]))
+
+
+def load_validated(unet, out_dir: str, iteration: int, adapter: Optional[str] = "rpo") -> None:
+    """Put the weights of validation `iteration` of the run in out_dir (saved with keep_validated) into `unet`:
+    into its LoRA `adapter`, or into the whole UNet when adapter is None (a full fine-tune)."""
+    path = validated_path(out_dir, iteration)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing: validation weights are saved only with keep_validated=True")
+    params = lora.lora_parameters(unet, adapter) if adapter is not None else list(unet.parameters())
+    state = load_file(path)
+    with torch.no_grad():
+        for i, p in enumerate(params):   # Trainable.state_dict's order
+            p.copy_(state[str(i)])
 
 
 # ----------------------------------------------------------------------------------------------- the pieces
@@ -213,11 +272,13 @@ def sample(pipe, prompts: list[str], config: RPOConfig, seed: int,
 
 
 def validate(pipe, config: RPOConfig, scorer: LambdaHarmonic, seed: int) -> dict:
-    """Mean λ_val-Harmonic reward of fresh K-step samples of the training prompts (token removed for text)."""
-    images, _, prompts = sample(pipe, config.prompts, config, seed, config.validation_images)
+    """Mean λ_val-Harmonic reward of fresh K-step samples of the validation prompts (token removed for text),
+    with each image's two cosines so that any other λ can be scored later (validation_score)."""
+    images, _, prompts = sample(pipe, config.validation_prompts, config, seed, config.validation_images)
     with torch.no_grad():
-        score = scorer(images.to(scorer_device(scorer)), [config.strip(p) for p in prompts])
-    return {"score": float(score.mean())}
+        image_cos, text_cos = scorer.cosines(images.to(scorer_device(scorer)), [config.strip(p) for p in prompts])
+    return {"score": float(lambda_harmonic(image_cos, text_cos, scorer.lam).mean()),
+            "image_cos": image_cos.tolist(), "text_cos": text_cos.tolist()}
 
 
 def scorer_device(scorer: RewardModel) -> torch.device:
@@ -253,6 +314,9 @@ def train_rpo(pipe, encoder: RewardModel, references: torch.Tensor, config: RPOC
         raise ValueError(f"references have shape {tuple(references.shape)}; expected [N, 3, H, W] in 0..1 with "
                          f"N >= 1 (rpo_core.references.load_references makes that from image files)")
     checks.unit_range("references", references)
+    for what, prompts in (("prompts", config.prompts), ("validation_prompts", config.validation_prompts),
+                          ("reference_prompt", [config.reference_prompt])):
+        checks.prompts_fit(pipe.tokenizer, prompts, what)
     # a step denoises each pair's reference and negative (no decoder in the loss, but validation decodes)
     memory.images_per_chunk(pipe, 2 * config.batch_size, None, None, cfg=False, training=True, what="RPO training")
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
@@ -310,9 +374,7 @@ def train_rpo(pipe, encoder: RewardModel, references: torch.Tensor, config: RPOC
         optimizer = torch.optim.AdamW(trainable.params, lr=config.lr, weight_decay=1e-2)
         unet, optimizer = accelerator.prepare(pipe.unet, optimizer)
         scheduler = pipe.scheduler  # add_noise and the prediction type: the training-time schedule
-
-        scheduler = pipe.scheduler  # add_noise and the prediction type: the training-time schedule
-        selection = Selection(trainable)
+        selection = Selection(trainable, out_dir if config.keep_validated else None)
 
         def step(iteration: int, gen: torch.Generator) -> dict:
             b = config.batch_size
@@ -376,7 +438,7 @@ def train_rpo(pipe, encoder: RewardModel, references: torch.Tensor, config: RPOC
 def main(argv=None):
     from accelerate import Accelerator
 
-    from r0_core.loading import load_pipeline
+    from r0_core.loading import TINY, load_pipeline
     from r0_core.train import parse_reward, read_prompts, resolve_precision
 
     from .references import load_references
@@ -386,16 +448,22 @@ def main(argv=None):
     parser.add_argument("--references", required=True, help="a folder of the subject's images")
     parser.add_argument("--encoder", default="clip:tiny",
                         help="the λ-Harmonic encoder as family:path[:support], e.g. align:/models/align-base")
-    parser.add_argument("--prompts-file", help="training prompts, one per line (default: the paper's eight)")
+    parser.add_argument("--prompts-file", help="training prompts, one per line (default: the paper's eight; with "
+                                               "--model tiny the tiny subjects' eight, which its tokenizer can read)")
+    parser.add_argument("--validation-prompts-file",
+                        help="prompts of the λ_val validation, one per line (default: the training prompts)")
     parser.add_argument("--out", required=True, help="folder for checkpoints, the curve and the LoRA")
     parser.add_argument("--overwrite", action="store_true", help="replace a LoRA file this run did not make")
-    names = cli.add_config_arguments(parser, RPOConfig, RPOConfig(token="sks", class_name="x"), skip=("prompts",),
-                                     required=("token", "class_name"))
+    names = cli.add_config_arguments(parser, RPOConfig, RPOConfig(token="sks", class_name="x"),
+                                     skip=("prompts", "validation_prompts"), required=("token", "class_name"))
     args = parser.parse_args(argv)
     cli.setup_logging()
 
-    config = RPOConfig(prompts=read_prompts(args.prompts_file) if args.prompts_file else None,
-                       **cli.config_values(args, names))
+    values = cli.config_values(args, names)
+    prompts = (read_prompts(args.prompts_file) if args.prompts_file
+               else default_prompts(values["token"], values["class_name"], tiny=args.model == TINY))
+    config = RPOConfig(prompts=prompts, validation_prompts=read_prompts(args.validation_prompts_file)
+                       if args.validation_prompts_file else None, **values)
     accelerator = Accelerator(mixed_precision=resolve_precision(config.mixed_precision,
                                                                 "cuda" if torch.cuda.is_available() else "cpu"))
     pipe = load_pipeline(args.model, device=accelerator.device)

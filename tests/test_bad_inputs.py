@@ -19,6 +19,7 @@ from r0_core.lcm import LCMConfig
 from r0_core.loading import TINY, ModelLoadError, load_pipeline
 from r0_core.rewards import load_reward
 from r0_core.rewards.composite import WeightedReward
+from r0_core.tiny import subjects
 from r0_core.train import R0Config, read_prompts
 from rpo_core import references
 from rpo_core.train import RPOConfig, train_rpo
@@ -107,15 +108,21 @@ def test_reward_weights_must_be_finite(clip):
         WeightedReward([clip, clip], [1.0, NAN])
 
 
-def test_rpo_references_are_checked_before_training(pipe, clip, tmp_path):
-    config = RPOConfig(token="vum", class_name="circle", iterations=1)
+def test_rpo_references_and_prompts_are_checked_before_training(pipe, clip, tmp_path):
+    config = RPOConfig(token="vum", class_name="circle", iterations=1,
+                       prompts=subjects.training_prompts_for("vum", "circle"))
     refs = torch.rand(2, 3, 32, 32)
+    paper = RPOConfig(token="vum", class_name="circle", iterations=1)   # the paper's prompts: past 16 tokens
+    with pytest.raises(ValueError, match=r"prompts: 'a vum circle in the style of Van Gogh' is 22 tokens long, "
+                                         r"past the text encoder's limit of 16"):
+        train_rpo(pipe, clip, refs, paper, str(tmp_path / "c"))
+    assert subjects.training_prompts_for("vum", "circle") == subjects.training_prompts(subjects.SUBJECTS[0])
     with pytest.raises(ValueError, match=r"references range from .* expected 0..1 \(they look like 0..255"):
         train_rpo(pipe, clip, refs * 255, config, str(tmp_path / "a"))
     with pytest.raises(ValueError, match=r"references are 48x48 pixels; this model trains at 32x32: fit them .*"
                                          r"size=32"):
         train_rpo(pipe, clip, torch.rand(2, 3, 48, 48), config, str(tmp_path / "b"))
-    assert not os.path.exists(tmp_path / "a") and not os.path.exists(tmp_path / "b")   # nothing started
+    assert not any(os.path.exists(tmp_path / d) for d in "abc")   # nothing started
 
 
 # ----------------------------------------------------------------------------------------------- files

@@ -12,7 +12,8 @@ from r0_core.loading import TINY, load_pipeline
 from r0_core.rewards import load_reward
 from r0_core.sampler import Cancelled
 from r0_core.tiny import subjects
-from rpo_core.train import (RPOConfig, pair_losses, pair_noise, preference_labels, preference_loss, train_rpo)
+from rpo_core.train import (RPOConfig, load_validated, pair_losses, pair_noise, preference_labels, preference_loss,
+                            select, train_rpo, validation_score)
 
 SUBJECT = subjects.SUBJECTS[0]
 
@@ -72,11 +73,18 @@ def test_pairs_share_noise_and_timestep():
 def test_rpo_trains_selects_the_best_checkpoint_and_saves_a_lora_that_reproduces_it(tmp_path, encoder,
                                                                                      references):
     pipe = load_pipeline(TINY)
-    config = small_config()
+    validation_prompts = [SUBJECT.prompt("on the left"), SUBJECT.prompt("below a red square")]
+    config = small_config(validation_prompts=validation_prompts, keep_validated=True)
     result = train_rpo(pipe, encoder, references, config, str(tmp_path / "run"))
     assert [v["iteration"] for v in result.validations] == [2, 4]
     best = max(result.validations, key=lambda v: v["score"])
     assert (result.best_iteration, result.best_score) == (best["iteration"], pytest.approx(best["score"]))
+    # each validation keeps its per-image cosines: any λ_val can select afterwards, the run's own included
+    for v in result.validations:
+        assert len(v["image_cos"]) == len(validation_prompts) * config.validation_images
+        assert validation_score(v, config.lambda_val) == pytest.approx(v["score"], abs=1e-6)
+    assert select(result.validations, config.lambda_val)["iteration"] == result.best_iteration
+    assert {select(result.validations, lam)["iteration"] for lam in (0.0, 0.3, 0.7, 1.0)} <= {2, 4}
     assert all(h["l_pref"] > 0 for h in result.history) and all(h["l_sim"] > 0 for h in result.history)
     assert (tmp_path / "run" / "curve.png").stat().st_size > 1000
     with torch.no_grad():
@@ -90,6 +98,12 @@ def test_rpo_trains_selects_the_best_checkpoint_and_saves_a_lora_that_reproduces
         base, _ = generate(fresh, ["a vum circle on the left"], seeds=[5], guidance=2.0)
     torch.testing.assert_close(loaded, trained, rtol=0, atol=2e-5)
     assert (loaded - base).abs().max() > 1e-3   # the LoRA changed the model
+    other = 2 if result.best_iteration == 4 else 4   # the saved weights of each validation
+    for iteration, same in ((other, False), (result.best_iteration, True)):
+        load_validated(pipe.unet, str(tmp_path / "run"), iteration)
+        with torch.no_grad():
+            images, _ = generate(pipe, ["a vum circle on the left"], seeds=[5], guidance=2.0)
+        assert ((images - trained).abs().max() < 2e-5) == same
 
 
 def test_dreambooth_mode_has_no_preference_term_and_keeps_the_last_weights(tmp_path, encoder, references):
@@ -164,9 +178,15 @@ def test_command_line_trains_from_a_folder_of_references(tmp_path, capsys):
     dataset = subjects.write_dreambench(str(tmp_path / "bench"))
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(subjects.training_prompts(SUBJECT)[:2]) + "\n")
+    # no --prompts-file: on the tiny model the tiny subjects' eight training prompts, not the paper's
     main(["--model", "tiny", "--references", f"{dataset}/{SUBJECT.name}", "--token", SUBJECT.token,
-          "--class-name", SUBJECT.shape, "--prompts-file", str(prompts), "--out", str(tmp_path / "cli"),
+          "--class-name", SUBJECT.shape, "--validation-prompts-file", str(prompts), "--out", str(tmp_path / "cli"),
           "--iterations", "2", "--validate-every", "1", "--negatives-per-prompt", "1", "--validation-images", "1",
           "--lr", "1e-3", "--preference", "false"])
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["best_iteration"] in (1, 2) and (tmp_path / "cli" / "rpo_lora.safetensors").exists()
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "cli" / "rpo_lora.safetensors"), "pt") as f:
+        trained_on = json.loads(f.metadata()["rpo_config"])
+    assert trained_on["prompts"] == subjects.training_prompts(SUBJECT)
+    assert trained_on["validation_prompts"] == subjects.training_prompts(SUBJECT)[:2]

@@ -63,6 +63,10 @@ class LambdaHarmonic(RewardModel):
         self.encoder, self.lam, self.references = encoder, lam, references
 
     def forward(self, images, prompts, references=None):
+        return lambda_harmonic(*self.cosines(images, prompts, references), self.lam)
+
+    def cosines(self, images, prompts, references=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per image: (mean cosine to the references, cosine to the prompt), the two terms before λ."""
         prompts = self.check_inputs(images, prompts)
         references = self.references if references is None else references
         if references is None or len(references) == 0:
@@ -70,4 +74,4 @@ class LambdaHarmonic(RewardModel):
         image = self.encoder.image_embeds(images)
         refs = self.encoder.image_embeds(references.to(images))
         text = self.encoder.text_embeds(prompts)
-        return lambda_harmonic((image @ refs.T).mean(1), (image * text).sum(-1), self.lam)
+        return (image @ refs.T).mean(1), (image * text).sum(-1)

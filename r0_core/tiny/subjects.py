@@ -73,6 +73,11 @@ def training_prompts(subject: Subject) -> list[str]:
     return [_fill(t, subject) for t in TRAINING]
 
 
+def training_prompts_for(token: str, shape: str) -> list[str]:
+    """The eight training prompts for any token and class noun, in words the tiny tokenizer can read."""
+    return training_prompts(Subject("", token, shape, "", ("", "")))
+
+
 # ----------------------------------------------------------------------------------------------- rendering
 
 def subject_coverage(subject: Subject, cx: float, cy: float, r: float) -> tuple[np.ndarray, np.ndarray]:
@@ -294,3 +299,22 @@ def judge(image: np.ndarray, prompt: str, subject: Subject) -> SubjectVerdict:
             prompt_ok = oracle._relation_ok(found, second, ask.relation)
     valid = len(objects) == wanted and strays == 0
     return SubjectVerdict(bool(subject_ok), bool(prompt_ok), bool(valid))
+
+
+def main(argv=None):
+    """`python -m r0_core.tiny.subjects --out DIR`: the built-in subjects' reference photos as folders, one per
+    subject, for `python -m rpo_core.train --references` and the RPO Load References node."""
+    from .. import cli
+
+    parser = cli.make_parser("r0_core.tiny.subjects", main.__doc__)
+    parser.add_argument("--out", default="out/tiny-dreambench", help="where dataset/<subject>/NN.png is written")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the reference photos")
+    args = parser.parse_args(argv)
+    dataset = write_dreambench(args.out, args.seed)
+    for s in SUBJECTS:
+        print(f"{os.path.join(dataset, s.name)}  --token {s.token} --class-name {s.shape}  ({s.pattern} "
+              f"{'/'.join(s.colours)})")
+
+
+if __name__ == "__main__":
+    main()
