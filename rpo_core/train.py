@@ -388,12 +388,13 @@ def train_rpo(pipe, encoder: RewardModel, references: torch.Tensor, config: RPOC
             with accelerator.autocast():
                 loss_theta = pair_losses(unet, scheduler, refs, gens, cond, noise, t)
                 l_sim = loss_theta[:b].mean()
-                l_pref = torch.zeros(())
+                l_pref, beta_delta = torch.zeros(()), torch.zeros(())
                 if config.preference:
                     with torch.no_grad(), frozen_model(pipe, others, adapter, frozen_unet) as ref_unet:
                         loss_ref = pair_losses(ref_unet, scheduler, refs, gens, cond, noise, t)
                     delta = (loss_ref[:b] - loss_theta[:b]) - (loss_ref[b:] - loss_theta[b:])
                     l_pref = preference_loss(delta, labels.to(delta), config.beta)
+                    beta_delta = (config.beta * delta).detach().abs().mean()
                 l_prior = torch.zeros(())
                 if prior_latents is not None:
                     j = torch.randint(len(prior_latents), (b,), generator=gen)
@@ -406,7 +407,8 @@ def train_rpo(pipe, encoder: RewardModel, references: torch.Tensor, config: RPOC
                 unet.eval()
                 selection.update(iteration + 1, validate(pipe, config, val_reward, config.seed * 100_003 + 50_000))
             return {"iteration": iteration + 1, "loss": float(loss.detach()), "l_sim": float(l_sim.detach()),
-                    "l_pref": float(l_pref.detach()), "labels": float(labels.mean())}
+                    "l_pref": float(l_pref.detach()), "beta_delta": float(beta_delta),
+                    "labels": float(labels.mean())}
 
         def report(info: dict) -> None:
             if callback is not None:
@@ -426,7 +428,9 @@ def train_rpo(pipe, encoder: RewardModel, references: torch.Tensor, config: RPOC
                            {f"λ_val={config.lambda_val} validation": ([v["iteration"] for v in validations],
                                                                       [v["score"] for v in validations])},
                            {"L_sim": (steps, [h["l_sim"] for h in history]),
-                            "L_pref": (steps, [h["l_pref"] for h in history])}, top_label="validation reward")
+                            "L_pref": (steps, [h["l_pref"] for h in history]),
+                            "mean |βΔ|": (steps, [h.get("beta_delta", 0.0) for h in history])},
+                           top_label="validation reward")
         metadata = {"rpo_config": json.dumps(dataclasses.asdict(config), default=str),
                     "rpo_iteration": str(best["iteration"] if config.select_best else len(history))}
         result_path = save_trained(pipe, trainable, accelerator, out_dir, lora_path, adapter, cancelled, metadata)
