@@ -2,6 +2,7 @@
 and a build command that reproduces the tiny world from a seed."""
 import ast
 import importlib.util
+import json
 import os
 import pathlib
 import sys
@@ -98,3 +99,6 @@ def test_build_command_is_seeded_and_resumes_exactly(tmp_path, monkeypatch):
     pipe = load_pipeline(str(tmp_path / "a" / "out" / "tiny-sd"))
     assert pipe.unet.config.in_channels == 4 and pipe.vae.config.scaling_factor > 0
     assert not any(p.name.endswith(".tmp") for p in (tmp_path / "a" / "out").iterdir())
+    info = json.loads((tmp_path / "b" / "out" / "tiny-sd" / "build_info.json").read_text())
+    assert set(info["stage_seconds"]) == {"vae", "clip", "unet", "reward_clip"}   # summed over b's two runs
+    assert all(isinstance(v, int) and v >= 0 for v in info["stage_seconds"].values())

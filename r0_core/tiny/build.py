@@ -92,11 +92,11 @@ def train_loop(name, model_params, step_fn, steps, lr_fn, ckpt_path, state, save
     draws all its randomness from `gen`, whose state is checkpointed so a resumed run matches an unbroken one."""
     opt = torch.optim.AdamW(model_params, lr=lr_fn(0), weight_decay=0.0)
     ckpt = load_checkpoint(ckpt_path)
-    start = 0
+    start, seconds, started = 0, 0.0, time.time()   # seconds: training time over every run, for build_info
     if ckpt is not None:
         state(ckpt)
         opt.load_state_dict(ckpt["optimizer"])
-        start = ckpt["step"]
+        start, seconds = ckpt["step"], ckpt.get("seconds", float("nan"))
         if "generator" in ckpt:
             gen.set_state(ckpt["generator"])
     bar = tqdm(range(start, steps), desc=name, initial=start, total=steps)
@@ -113,7 +113,7 @@ def train_loop(name, model_params, step_fn, steps, lr_fn, ckpt_path, state, save
         bar.set_postfix(loss=f"{ema_loss:.4f}", lr=f"{lr_fn(step):.1e}")
         if (step + 1) % every == 0 or step + 1 == steps:
             atomic_save({**save_state(), "optimizer": opt.state_dict(), "step": step + 1,
-                         "generator": gen.get_state()}, ckpt_path)
+                         "generator": gen.get_state(), "seconds": seconds + time.time() - started}, ckpt_path)
 
 
 # ----------------------------------------------------------------------------------------------- stages
@@ -297,7 +297,19 @@ def build_unet(cfg: BuildConfig, work: str, images, captions, vae, text_encoder,
     return unet.eval().requires_grad_(False)
 
 
-def save_world(out: str, vae, clip, reward_clip, tokenizer, unet, scheduler, cfg: BuildConfig, seconds: float):
+def stage_seconds(work: str) -> dict:
+    """Training seconds of each trained stage summed over all its runs, from its checkpoint (None where the stage
+    ran, in part, before the build counted time)."""
+    found = {}
+    for stage in ("vae", "clip", "unet", "reward_clip"):
+        ckpt = load_checkpoint(os.path.join(work, f"{stage}.pt"))
+        value = None if ckpt is None else ckpt.get("seconds")
+        found[stage] = None if value is None or value != value else round(value)
+    return found
+
+
+def save_world(out: str, work: str, vae, clip, reward_clip, tokenizer, unet, scheduler, cfg: BuildConfig,
+               seconds: float):
     """Write tiny-sd (a StableDiffusionPipeline folder, text encoder = the stage-3 CLIP's text tower) and
     tiny-clip (the reward CLIP, a CLIPModel folder) atomically."""
     import shutil
@@ -324,7 +336,8 @@ def save_world(out: str, vae, clip, reward_clip, tokenizer, unet, scheduler, cfg
             tokenizer.save_pretrained(tmp)
             processor.save_pretrained(tmp)
         with open(os.path.join(tmp, "build_info.json"), "w") as f:
-            json.dump({"build_config": dataclasses.asdict(cfg), "build_seconds": round(seconds)}, f, indent=1)
+            json.dump({"build_config": dataclasses.asdict(cfg), "build_seconds": round(seconds),
+                       "stage_seconds": stage_seconds(work)}, f, indent=1)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
 
@@ -365,7 +378,8 @@ def main(argv=None):
     if args.only in (None, "reward", "save"):
         reward_clip = build_reward_clip(cfg, args.work, clip, images, captions, tokenizer)
     if args.only in (None, "save"):
-        save_world(args.out, vae, clip, reward_clip, tokenizer, unet, scheduler, cfg, time.time() - started)
+        save_world(args.out, args.work, vae, clip, reward_clip, tokenizer, unet, scheduler, cfg,
+                   time.time() - started)
     if args.only in (None, "stack"):
         # the reward stack learns from the saved base pipeline's own samples (r0_core/tiny/reward_stack.py)
         from ..loading import load_pipeline
