@@ -16,12 +16,13 @@ official file layout to a temporary folder (tests/reward_weights.py), and scores
 All under torch.no_grad, after --warmup runs. Times are medians of --repeats interleaved runs; each ratio is the
 median of the ratios of runs made side by side. On a CPU with one torch thread (OMP_NUM_THREADS=1) the clock is
 this process's CPU time, which other work on a shared machine does not inflate; otherwise wall time.
---width makes every tower that wide, to see how the fixed per-call costs weigh as the models grow.
+--width makes every tower that wide, to see how the fixed per-call costs weigh as the models grow; given several
+values (`--width tests 512`: the tests' sizes, then 512), it measures each configuration in turn.
+Writes benchmarks/results/reward_speed.json and .md (--results for another folder).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 import platform
@@ -43,6 +44,7 @@ from r0_core.rewards.clip_score import features  # noqa: E402
 from r0_core.rewards.hps import letterbox  # noqa: E402
 from r0_core.rewards.image_reward import MAX_TOKENS  # noqa: E402
 from r0_core.tiny.evaluate import eval_prompts  # noqa: E402
+from r0_core.tiny.protocol import write_results  # noqa: E402
 from tests.reward_weights import FAMILY_BUILDERS  # noqa: E402
 
 
@@ -130,11 +132,11 @@ def timer(device: torch.device):
     return timed
 
 
-def measure(family: str, folder: str, args, device, timed) -> dict:
-    # --width: every tower that wide (ImageReward's text encoder too) instead of the tests' sizes
-    sizes = {} if args.width is None else {"width": args.width}
-    if args.width is not None and family == "image_reward":
-        sizes["text_width"] = args.width
+def measure(family: str, folder: str, width, args, device, timed) -> dict:
+    # width: every tower that wide (ImageReward's text encoder too); None: the tests' sizes
+    sizes = {} if width is None else {"width": width}
+    if width is not None and family == "image_reward":
+        sizes["text_width"] = width
     path, support = FAMILY_BUILDERS[family](folder, **sizes)
     scorer = load_reward(family, path, support, device=device)
     generator = torch.Generator().manual_seed(0)
@@ -163,41 +165,76 @@ def measure(family: str, folder: str, args, device, timed) -> dict:
             "batched_over_single": round(ratio["single"], 3)}
 
 
+def width_arg(text: str):
+    """'tests' (the tests' tiny sizes) or a tower width, a positive multiple of 64."""
+    if text == "tests":
+        return None
+    if not text.isdigit() or int(text) <= 0 or int(text) % 64:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither 'tests' nor a positive multiple of 64")
+    return int(text)
+
+
+def markdown(report: dict) -> str:
+    lines = [f"Time of each reward family's scorer (tiny random weights of its real architecture, loaded by "
+             f"`load_reward`) on a batch of {report['batch']} random {report['size']}x{report['size']} images with "
+             f"one prompt each ({report['references']} reference images for the families that use them), against "
+             f"the floor of its bare model calls on inputs already resized, normalised and tokenised. batched/floor "
+             f"is the scorer's own overhead (target <= 1.1); batched/single compares one call on the batch with "
+             f"{report['batch']} calls of one image. Times are medians of {report['repeats']} interleaved runs after "
+             f"{report['warmup']} warm-up runs, each ratio the median of the ratios of runs made side by side; "
+             f"device {report['device']}, {report['threads']} torch threads ({report['cpu_count']} CPUs), clock "
+             f"`{report['clock']}`, torch {report['torch']}."]
+    for config in report["configurations"]:
+        width = config["width"]
+        title = ("The tests' tiny sizes (towers 32 to 128 wide), `--width tests`" if width is None
+                 else f"Towers {width} wide, `--width {width}`")
+        lines += ["", f"**{title}:**", "",
+                  "| family | floor ms | batched ms | single ms | batched/floor | batched/single |",
+                  "|---|---|---|---|---|---|"]
+        for family, r in config["families"].items():
+            lines.append(f"| {family} | {r['floor_ms']:.2f} | {r['batched_ms']:.2f} | {r['single_ms']:.2f} | "
+                         f"{r['batched_over_floor']:.3f} | {r['batched_over_single']:.3f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=64, help="input images are size x size pixels")
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--width", type=int, default=None,
-                        help="every tower this wide (a multiple of 64); default: the tests' tiny sizes (32 to 128)")
+    parser.add_argument("--width", type=width_arg, nargs="+", default=[None], metavar="WIDTH",
+                        help="every tower this wide (a multiple of 64), or 'tests' for the tests' tiny sizes (32 to "
+                             "128), the default; several values measure each in turn")
     parser.add_argument("--references", type=int, default=4, help="reference images, for the families that use them")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", default=None, help="default: load_reward's choice (CUDA where there is one)")
     parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
-    parser.add_argument("--out", default="out/benchmarks/reward_speed.json")
+    parser.add_argument("--results", default="benchmarks/results", help="folder for reward_speed.json and .md")
     args = parser.parse_args(argv)
     transformers.logging.set_verbosity_error()  # the builders' processor notices
     transformers.logging.disable_progress_bar()  # and save/load bars
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     timed = timer(device)
-    report = {"device": str(device), "threads": torch.get_num_threads(), "clock": timed.clock,
-              "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
-              "batch": args.batch, "size": args.size, "width": args.width, "references": args.references,
-              "repeats": args.repeats, "families": {}}
+    report = {"device": str(device), "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+              "clock": timed.clock, "torch": torch.__version__,
+              "machine": platform.processor() or platform.machine(), "batch": args.batch, "size": args.size,
+              "references": args.references, "repeats": args.repeats, "warmup": args.warmup, "configurations": []}
     print(f"batch {args.batch} of {args.size}x{args.size} images on {device} ({report['threads']} threads), "
           f"median of {args.repeats} ({timed.clock})")
-    print(f"{'family':<13}{'floor ms':>10}{'batched ms':>12}{'single ms':>11}{'batched/floor':>15}"
-          f"{'batched/single':>16}")
-    with tempfile.TemporaryDirectory() as tmp:
-        for family in args.families:
-            r = report["families"][family] = measure(family, os.path.join(tmp, family), args, device, timed)
-            print(f"{family:<13}{r['floor_ms']:>10.2f}{r['batched_ms']:>12.2f}{r['single_ms']:>11.2f}"
-                  f"{r['batched_over_floor']:>15.3f}{r['batched_over_single']:>16.3f}", flush=True)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=1)
-    print(f"wrote {args.out}")
+    for width in args.width:
+        config = {"width": width, "families": {}}
+        report["configurations"].append(config)
+        print(f"\nwidth {'tests' if width is None else width}\n{'family':<13}{'floor ms':>10}{'batched ms':>12}"
+              f"{'single ms':>11}{'batched/floor':>15}{'batched/single':>16}")
+        with tempfile.TemporaryDirectory() as tmp:
+            for family in args.families:
+                r = config["families"][family] = measure(family, os.path.join(tmp, family), width, args, device,
+                                                         timed)
+                print(f"{family:<13}{r['floor_ms']:>10.2f}{r['batched_ms']:>12.2f}{r['single_ms']:>11.2f}"
+                      f"{r['batched_over_floor']:>15.3f}{r['batched_over_single']:>16.3f}", flush=True)
+    paths = write_results("reward_speed", report, markdown(report), args.results)
+    print(f"wrote {', '.join(paths)}")
 
 
 if __name__ == "__main__":
