@@ -9,10 +9,11 @@
 2. memory: peak memory of R0 and R0+ steps for K = 1, 2, 4, 8 with gradient checkpointing, each in a fresh
    process (on a CPU the resident set size sampled every millisecond, minus the one before the steps; on CUDA
    max_memory_allocated minus the allocation before). R0+ should stay flat in K.
-3. dry-run: one R0 step, one R0+ step and one test-time R0 step on a full-size, randomly initialised SD 1.5
-   architecture (UNet 860M, VAE, CLIP ViT-L text tower) at --dry-run-size px, batch 1, fp32 on the CPU, peak
-   memory each, in fresh processes; from them an estimate for 512 px in bf16 on a GPU (see `estimate`).
-Writes benchmarks/results/r0_cost.json and .md.
+3. dry-run: one R0 step, one R0+ step, one test-time R0 step and one RPO step (with its negatives, labels and
+   a validation) on a full-size, randomly initialised SD 1.5 architecture (UNet 860M, VAE, CLIP ViT-L text
+   tower) at --dry-run-size px, batch 1, fp32 on the CPU, peak memory each, in fresh processes (--dry-runs picks
+   some); from them an estimate for 512 px in bf16 on a GPU (see `estimate`).
+Writes benchmarks/results/<--name, default r0_cost>.json and .md.
 """
 from __future__ import annotations
 
@@ -93,6 +94,7 @@ def ratio(args) -> dict:
     from r0_core.schedule import scheduler_sigmas
     from r0_core.tiny import world
     from r0_core.train import R0Config, train_r0
+    from rpo_core.train import RPOConfig, train_rpo
 
     reward = load_reward("clip", TINY)
     out = {}
@@ -136,6 +138,7 @@ def memory_child(mode: str, steps: int, batch_size: int) -> dict:
     from r0_core.rewards import load_reward
     from r0_core.tiny import world
     from r0_core.train import R0Config, train_r0
+    from rpo_core.train import RPOConfig, train_rpo
 
     pipe, reward = load_pipeline(TINY), load_reward("clip", TINY)
     config = R0Config(prompts=world.training_captions(), iterations=3, batch_size=batch_size, steps=steps, mode=mode,
@@ -173,6 +176,7 @@ def dry_run_child(what: str, size: int) -> dict:
     from r0_core.rewards import load_reward
     from r0_core.test_time import refine_noise
     from r0_core.train import R0Config, train_r0
+    from rpo_core.train import RPOConfig, train_rpo
 
     pipe, reward = sd15_pipeline(size), load_reward("clip", TINY)
     weights_mb = sum(p.numel() * p.element_size() for m in (pipe.unet, pipe.vae, pipe.text_encoder)
@@ -182,6 +186,11 @@ def dry_run_child(what: str, size: int) -> dict:
     with tempfile.TemporaryDirectory() as folder, Peak(False) as peak:
         if what == "test-time":
             refine_noise(pipe, reward, "a red circle", iterations=1, steps=4, height=size, width=size)
+        elif what == "rpo":   # one pair per step, one negative, one validation image: RPO's smallest real step
+            references = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+            train_rpo(pipe, reward, references, RPOConfig(token="sks", class_name="dog", prompts=["a sks dog"],
+                                                          iterations=1, batch_size=1, negatives_per_prompt=1,
+                                                          validation_images=1), folder)
         else:
             train_r0(pipe, reward, R0Config(prompts=["a red circle"], iterations=1, batch_size=1, mode=what,
                                             height=size, width=size), folder)
@@ -251,6 +260,8 @@ def main(argv=None):
     parser.add_argument("--block", type=int, default=6, help="steps per block (the first is left out)")
     parser.add_argument("--memory-steps", default="1,2,4,8")
     parser.add_argument("--dry-run-size", type=int, default=256)
+    parser.add_argument("--dry-runs", default="r0,r0+,test-time,rpo", help="which real-size steps to run")
+    parser.add_argument("--name", default="r0_cost", help="results file name")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--results", default="benchmarks/results")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
@@ -263,7 +274,7 @@ def main(argv=None):
         print(json.dumps(result))
         return
     parts = args.parts.split(",")
-    report = {"settings": {k: v for k, v in vars(args).items() if k not in ("child", "results")}}
+    report = {"settings": {k: v for k, v in vars(args).items() if k not in ("child", "results", "name")}}
     if "ratio" in parts:
         report["ratio"] = ratio(args)
     common = ["--batch-size", str(args.batch_size), "--threads", str(args.threads),
@@ -273,10 +284,10 @@ def main(argv=None):
                             for k in args.memory_steps.split(",") for mode in ("r0", "r0+")]
         print(report["memory"], flush=True)
     if "dry-run" in parts:
-        report["dry_run"] = [child_json(*common, "--child", "dry-run", what) for what in ("r0", "r0+", "test-time")]
+        report["dry_run"] = [child_json(*common, "--child", "dry-run", what) for what in args.dry_runs.split(",")]
         report["estimate"] = estimate(report["dry_run"], args.dry_run_size)
     text = markdown(report)
-    paths = protocol.write_results("r0_cost", report, text, out=args.results)
+    paths = protocol.write_results(args.name, report, text, out=args.results)
     print(text + f"\nwrote {', '.join(paths)}")
 
 
