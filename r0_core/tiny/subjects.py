@@ -45,6 +45,12 @@ SUBJECTS = (
     Subject("split_square", "bip", "square", "split", ("red", "green")),
     Subject("banded_triangle", "qud", "triangle", "bands", ("purple", "yellow")),
 )
+# Two more subjects for the mini DreamBench only (benchmarks/rpo_mini_dreambench.py): their tokens are the next
+# words of the nonsense pool (world.nonsense_words), so the world treats them as it treats vum, bip and qud.
+MORE_SUBJECTS = (
+    Subject("split_circle", "taf", "circle", "split", ("purple", "green")),
+    Subject("banded_square", "pud", "square", "bands", ("green", "purple")),
+)
 REFERENCES_PER_SUBJECT = 5
 
 # The 25 evaluation prompts per subject, by DreamBench's kinds; `{}` is "a [V] <class>". Training prompts (below)
@@ -59,6 +65,12 @@ TRAINING = [f"{{}} {relation} a {other}" for relation, other in (
     ("above", "blue triangle"), ("below", "purple triangle"))]
 
 
+# Validation prompts (choosing checkpoints): second objects that neither the training nor the evaluation prompts
+# use, and the one colour the attribute prompts leave out, so training, validation and test prompts are disjoint.
+VALIDATION = [f"{{}} {relation} a {other}" for relation in RELATIONS
+              for other in ("red triangle", "green square", "yellow circle")] + ["a yellow {}"]
+
+
 def _fill(template: str, subject: Subject) -> str:
     if template.startswith("a ") and template.endswith(" {}"):   # attribute: "a <colour> [V] <class>"
         return subject.prompt(colour=template[2:-3])
@@ -67,6 +79,10 @@ def _fill(template: str, subject: Subject) -> str:
 
 def evaluation_prompts(subject: Subject) -> list[str]:
     return [_fill(t, subject) for t in RECONTEXTUALISATION + RELATION + ATTRIBUTE]
+
+
+def validation_prompts(subject: Subject) -> list[str]:
+    return [_fill(t, subject) for t in VALIDATION]
 
 
 def training_prompts(subject: Subject) -> list[str]:
@@ -125,7 +141,7 @@ def render(subject: Subject, prompt: str, seed: int) -> np.ndarray:
 
 def references(subject: Subject, n: int = REFERENCES_PER_SUBJECT, seed: int = 0) -> np.ndarray:
     """n photos of the subject alone ("a [V] <class>"), at various places and sizes: [n, H, W, 3] in [0, 1]."""
-    return np.stack([render(subject, subject.prompt(), seed * 1000 + SUBJECTS.index(subject) * 100 + i)
+    return np.stack([render(subject, subject.prompt(), seed * 1000 + (SUBJECTS + MORE_SUBJECTS).index(subject) * 100 + i)
                      for i in range(n)])
 
 
