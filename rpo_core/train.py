@@ -110,8 +110,8 @@ class RPOConfig:
             self.prompts = default_prompts(self.token, self.class_name, tiny=False)
         if not self.prompts or any(not isinstance(p, str) or not p.strip() for p in self.prompts):
             raise ValueError("prompts: expected one or more non-empty training prompts")
-        if self.validation_prompts is None:
-            self.validation_prompts = list(self.prompts)
+        self.prompts = list(self.prompts)
+        self.validation_prompts = list(self.prompts if self.validation_prompts is None else self.validation_prompts)
         if not self.validation_prompts or any(not isinstance(p, str) or not p.strip()
                                               for p in self.validation_prompts):
             raise ValueError("validation_prompts: expected one or more non-empty prompts (or None: the training "

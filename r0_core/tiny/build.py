@@ -53,11 +53,10 @@ class BuildConfig:
     ema_decay: float = 0.999      # EMA of the UNet weights, which is what is saved
     caption_dropout: float = 0.1  # empty captions, so classifier-free guidance works
     # the UNet's caption variations (the CLIP's are the world's): lower them to measure what they cost
-    # UNet captions with a nonsense word inserted / with one colour left out. 0 for the UNet: chosen on the
-    # validation half among 0.30/0.15 (the text tower's shares), 0.15/0.05 and 0/0, the only one that kept
-    # two-object captions at 21% (benchmarks/results/ablate_*); the text tower still learns to ignore nonsense
-    unet_nonsense_share: float = 0.0
-    unet_colourless_share: float = 0.0
+    # 0/0 for the UNet, chosen on the validation half among 0.30/0.15 (the text tower's), 0.15/0.05 and 0/0: the
+    # only one that kept two-object captions at 21% (benchmarks/results/ablate_*, README "Base-model quality")
+    unet_nonsense_share: float = 0.0     # UNet captions with a nonsense word inserted
+    unet_colourless_share: float = 0.0   # UNet captions with one colour left out
     reward_steps: int = 500       # reward-CLIP optimiser steps
     reward_batch: int = 64        # reward-CLIP images per step
     reward_lr: float = 3e-4       # reward-CLIP peak learning rate
