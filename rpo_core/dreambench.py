@@ -16,6 +16,7 @@ and their means over subjects (all, object, live). Every subject's images are ma
 evaluates a pipeline, optionally with one LoRA per subject (`--lora dog=dog.safetensors`)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -271,7 +272,8 @@ def _mean(results: dict[str, dict]) -> Optional[dict]:
 def evaluate(bench: DreamBench, generate: Generate, dino, clip, *, token: str = TOKEN, images_per_prompt: int = 4,
              seed: int = 0, out_dir: Optional[str | os.PathLike] = None,
              subjects: Optional[Iterable[Subject | str]] = None, save_grids: bool = True, batch_size: int = 16,
-             callback: Optional[Callable[[dict], None]] = None) -> dict:
+             callback: Optional[Callable[[dict], None]] = None,
+             run_key: Optional[Callable[[Subject], str]] = None) -> dict:
     """DreamBench scores of `generate` on `subjects` (default: all present).
 
     generate(subject, prompts, seeds) -> images [B, 3, H, W] in 0..1, one per (prompt, seed); it is called once
@@ -281,6 +283,9 @@ def evaluate(bench: DreamBench, generate: Generate, dino, clip, *, token: str = 
     out_dir: writes <subject>.json (and <subject>.png, a grid with one row per prompt, unless save_grids is
     False) as each subject finishes, then results.json and results.md.
     callback({"i", "total", "subject", "prompt"}) after each prompt (i counts from 0 over all subjects).
+    run_key(subject): what makes that subject's images (model, LoRA, sampler settings). With out_dir, a subject
+    whose <subject>.json holds the same key, token, images_per_prompt and seed is read back instead of generated
+    again, so a stopped run resumes where it stopped, and processes that split the subjects can be joined.
 
     Returns {"subjects": {name: {class, live, dino, clip_i, clip_t, n_images, n_references, per_prompt}},
     "mean", "object_mean", "live_mean": {dino, clip_i, clip_t, n_subjects} (None without such subjects),
@@ -298,9 +303,18 @@ def evaluate(bench: DreamBench, generate: Generate, dino, clip, *, token: str = 
             if callback is not None:
                 callback({"i": done, "total": total, "subject": name, "prompt": prompt})
             done += 1
+        key = None if run_key is None else f"{run_key(subject)}|{token}|{images_per_prompt}|{seed}"
+        saved = _read_saved(out_dir, subject.name) if key is not None and out_dir is not None else None
+        if saved is not None and saved.get("run_key") == key:
+            results[subject.name] = saved
+            for prompt in bench.prompts_for(subject, token):
+                on_prompt(prompt)
+            continue
         results[subject.name], thumbnails = evaluate_subject(
             bench, subject, generate, dino, clip, token=token, images_per_prompt=images_per_prompt, seed=seed,
             batch_size=batch_size, keep_images=out_dir is not None and save_grids, on_prompt=on_prompt)
+        if key is not None:
+            results[subject.name]["run_key"] = key
         logger.info("%s: DINO %.3f, CLIP-I %.3f, CLIP-T %.3f", subject.name, *(results[subject.name][k] for k in
                                                                           ("dino", "clip_i", "clip_t")))
         if out_dir is not None:
@@ -322,6 +336,26 @@ def _write_text(path: str, text: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
     atomic_write(path, write)
+
+
+def _file_digest(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_saved(out_dir, name: str) -> Optional[dict]:
+    path = os.path.join(out_dir, f"{name}.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:   # a damaged file is measured again, not trusted
+        logger.warning("%s is unreadable (%s); measuring %s again", path, e, name)
+        return None
 
 
 def _write_json(path: str, obj) -> None:
@@ -418,25 +452,43 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser.add_argument("--out", required=True, help="folder for results.md, results.json, <subject>.json/.png")
     args = parser.parse_args(argv)
     cli.setup_logging()
+    from accelerate import PartialState
 
+    # `accelerate launch -m rpo_core.dreambench ...` splits the subjects across processes; each writes its
+    # subjects' files and the main process then joins them (read back by run_key)
+    state = PartialState(cpu=args.device == "cpu")
+    device = args.device or (str(state.device) if state.num_processes > 1 else None)
     bench = read_dreambench(args.data)
     loras = parse_loras(args.lora, bench)
-    pipe = load_pipeline(args.model, device=args.device, tokenizer_dir=args.tokenizer_dir)
+    chosen = bench.select(args.subjects or None)
+    settings = json.dumps({k: getattr(args, k) for k in ("model", "dino", "clip", "steps", "guidance", "eta")})
+
+    def run_key(subject: Subject) -> str:
+        path = loras.get(subject.name)
+        weights = _file_digest(path) if path else "no LoRA"
+        return hashlib.sha256(f"{settings}|{weights}".encode()).hexdigest()[:16]
+
+    pipe = load_pipeline(args.model, device=device, tokenizer_dir=args.tokenizer_dir)
     # encoders in float32: the metric is reported to three decimals, which bf16 embeddings would not hold
-    dino = load_reward("dino", args.dino, device=args.device, dtype=torch.float32)
-    clip = load_reward("clip", args.clip, device=args.device, dtype=torch.float32)
-    bar = tqdm(desc="DreamBench", unit="prompt")
+    dino = load_reward("dino", args.dino, device=device, dtype=torch.float32)
+    clip = load_reward("clip", args.clip, device=device, dtype=torch.float32)
+    bar = tqdm(desc="DreamBench", unit="prompt", disable=not state.is_main_process)
 
     def progress(info: dict) -> None:
         bar.total = info["total"]
         bar.set_postfix_str(info["subject"], refresh=False)
         bar.update(1)
 
-    summary = evaluate(bench, pipeline_generator(pipe, loras, steps=args.steps, guidance=args.guidance,
-                                                 eta=args.eta),
-                       dino, clip, token=args.token, images_per_prompt=args.images_per_prompt, seed=args.seed,
-                       out_dir=args.out, subjects=args.subjects or None, save_grids=not args.no_grids,
-                       callback=progress)
+    generate = pipeline_generator(pipe, loras, steps=args.steps, guidance=args.guidance, eta=args.eta)
+    common = dict(token=args.token, images_per_prompt=args.images_per_prompt, seed=args.seed, out_dir=args.out,
+                  save_grids=not args.no_grids, run_key=run_key)
+    mine = chosen[state.process_index::state.num_processes]
+    if mine:
+        evaluate(bench, generate, dino, clip, subjects=mine, callback=progress, **common)
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return {}
+    summary = evaluate(bench, generate, dino, clip, subjects=chosen, **common)   # joins every process's files
     bar.close()
     print(markdown_table(summary))
     print(f"written to {os.path.join(args.out, 'results.md')}")

@@ -273,6 +273,31 @@ def test_results_are_written(tiny_bench, encoders, tmp_path):
     assert not list((tmp_path / "plain").glob("*.png"))
 
 
+def test_a_stopped_run_resumes_from_its_subject_files(tiny_bench, encoders, tmp_path):
+    dino, clip = encoders
+    calls = []
+
+    def counted(subject, prompts, seeds):
+        calls.append(subject.name)
+        return own_images(subject, prompts, seeds)
+
+    key = lambda subject: f"model-a/{subject.name}"  # noqa: E731
+    first = evaluate(tiny_bench, counted, dino, clip, images_per_prompt=1, out_dir=tmp_path, run_key=key,
+                     subjects=["dog"])                        # as if the run stopped after its first subject
+    assert set(calls) == {"dog"}
+    calls.clear()
+    whole = evaluate(tiny_bench, counted, dino, clip, images_per_prompt=1, out_dir=tmp_path, run_key=key)
+    assert set(calls) == {"red_ball"}                         # dog is read back, not generated again
+    assert whole["subjects"]["dog"] == first["subjects"]["dog"]
+    calls.clear()
+    evaluate(tiny_bench, counted, dino, clip, images_per_prompt=2, out_dir=tmp_path, run_key=key)
+    assert set(calls) == {"dog", "red_ball"}                  # other settings: measured again
+    calls.clear()
+    evaluate(tiny_bench, counted, dino, clip, images_per_prompt=2, out_dir=tmp_path,
+             run_key=lambda subject: "model-b")
+    assert set(calls) == {"dog", "red_ball"}                  # another model or LoRA: measured again
+
+
 def test_bad_generators_and_settings_are_named(tiny_bench, encoders):
     dino, clip = encoders
     with pytest.raises(ValueError, match=r"generate returned \(2, 32, 32, 3\) .* expected float images \[2, 3"):
