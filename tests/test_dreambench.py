@@ -346,3 +346,24 @@ def test_command_line_on_the_tiny_dataset(tiny_bench, dino_dir, tmp_path, capsys
     with pytest.raises(ValueError, match="subject 'cup' is not in"):
         dreambench.main(["--data", tiny_bench.root, "--dino", dino_dir, "--clip", TINY, "--model", TINY,
                          "--lora", "cup=x.safetensors", "--out", str(out)])
+
+
+def test_processes_split_the_subjects_and_join_their_files(tiny_bench, dino_dir, tmp_path):
+    """Two processes (torchrun on the CPU; `accelerate launch` on GPUs) give one subject each and the main process
+    joins the files: the same results as one process."""
+    import os
+    import subprocess
+    import sys
+
+    args = ["-m", "rpo_core.dreambench", "--data", tiny_bench.root, "--dino", dino_dir, "--clip", TINY, "--model",
+            TINY, "--steps", "2", "--images-per-prompt", "1", "--device", "cpu", "--no-grids"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(pathlib.Path(__file__).parent.parent)}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561",
+                    *args, "--out", str(tmp_path / "two")], check=True, env=env, capture_output=True, timeout=300)
+    one = dreambench.main(args[2:] + ["--out", str(tmp_path / "one")])
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert sorted(two["subjects"]) == sorted(one["subjects"]) == sorted(N_PROMPTS)
+    for name in N_PROMPTS:
+        for metric in ("dino", "clip_i", "clip_t"):
+            assert two["subjects"][name][metric] == pytest.approx(one["subjects"][name][metric], abs=1e-6)
+
