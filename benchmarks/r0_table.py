@@ -76,9 +76,11 @@ def train(args, scorer, mode: str, lr: float, reg: float, seed: int, checkpoints
     not on disk yet; the run continues from one checkpoint to the next, so they cost one run to the last."""
     config = R0Config(prompts=world.training_captions(), batch_size=args.batch_size, lr=lr, lora_rank=args.rank,
                       reg_weight=reg, mode=mode, guidance=args.train_guidance, seed=seed)
-    # one folder per run: the settings in its name, and the fingerprint of all of them (iterations excepted)
+    # one folder per run: the settings in its name, the fingerprint of all of them (iterations excepted) and of
+    # the weights it trains on and with, so that a rebuilt world never reuses an earlier world's LoRAs
+    weights = weights_fingerprint(TINY_PIPELINE_DIR, TINY_CLIP_DIR)[:8]
     folder = os.path.join(args.out, "runs", f"{mode.replace('+', 'plus')}-lr{lr:g}-reg{reg:g}-seed{seed}-"
-                                            f"{config.fingerprint()[:8]}")
+                                            f"{config.fingerprint()[:8]}-{weights}")
     paths = {}
     for iterations in sorted(checkpoints):
         paths[iterations] = os.path.join(folder, f"lora-{iterations}it.safetensors")
