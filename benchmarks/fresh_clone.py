@@ -13,6 +13,7 @@ Exits non-zero if a step fails.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import subprocess
@@ -134,7 +135,12 @@ def main(argv=None):
         f"The machine has {report['cpu_count']} CPUs; the 1-minute load average was {report['load_1min_start']:.2f} "
         f"at the start (other work only: near 0 means idle cores) and {report['load_1min_end']:.2f} at the end "
         f"(this check's own last step included)."])
-    paths = write_results("fresh_clone", report, markdown, args.results)
+    # results files name no machine's paths: the repository is ".", the clone is relative to it
+    dest = os.path.abspath(args.dest)
+    relative = lambda text: text.replace(dest, os.path.relpath(dest, ROOT)).replace(ROOT, ".")  # noqa: E731
+    report = json.loads(relative(json.dumps(report)))
+    command = [relative(os.path.abspath(a)) if os.path.exists(a) else a for a in sys.argv]
+    paths = write_results("fresh_clone", report, relative(markdown), args.results, argv=command)
     print(markdown + f"\nwrote {', '.join(paths)}")
     sys.exit(0 if report["ok"] else 1)
 
