@@ -3,6 +3,7 @@ preferences. The official open_clip checkpoint is remapped onto a transformers C
 torchvision is needed. Scores compare images of the *same* prompt; v2 and v2.1 scores are not comparable."""
 from __future__ import annotations
 
+import functools
 import html
 import os
 from typing import Optional, Sequence
@@ -207,6 +208,7 @@ class HPSv2(ClipScore):
         return cls(model.eval(), tokenizer, size, None, OPENAI_MEAN, OPENAI_STD)
 
     @staticmethod
+    @functools.lru_cache(maxsize=50_000)   # trainers score the same prompts at every step: clean each once
     def clean(prompt: str) -> str:
         """What open_clip's tokenizer does before BPE and transformers' does not: ftfy's fixes (curly quotes made
         straight, mojibake repaired, full-width letters narrowed) and HTML entities un-escaped twice ("&amp;amp;"
