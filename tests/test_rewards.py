@@ -161,6 +161,28 @@ def test_dino_similarity_equals_cls_cosine(kind, tmp_path):
         scorer(images, "")
 
 
+def test_reference_embeddings_are_kept_while_the_references_are_unchanged(random_clip, tmp_path):
+    """DINO and λ-Harmonic embed the same reference set once, not at every call, and again when it changes."""
+    save_dino(tmp_path, "vit")
+    dino = DinoSimilarity.from_pretrained(str(tmp_path)).eval()
+    harmonic = LambdaHarmonic(ClipScore.from_pretrained(str(random_clip)).eval(), 0.5)
+    images, refs = torch.rand(2, 3, 32, 32), torch.rand(3, 3, 32, 32)
+    for scorer, encoder in ((dino, dino), (harmonic, harmonic.encoder)):
+        calls = []
+        encoder.image_embeds = lambda x, f=encoder.image_embeds: calls.append(len(x)) or f(x)
+        first = scorer(images, "a red circle", refs)
+        assert torch.allclose(scorer(images, "a red circle", refs), first) and calls == [2, 3, 2]
+        refs_copy = refs.clone()
+        assert torch.allclose(scorer(images, "a red circle", refs_copy), first) and calls[-2:] == [2, 3]
+        refs_copy[0] = torch.rand(3, 32, 32)   # changed in place: embedded again, and the score moves
+        moved = scorer(images, "a red circle", refs_copy)
+        assert calls[-2:] == [2, 3] and not torch.allclose(moved, first)
+        with torch.inference_mode():
+            frozen = torch.rand(3, 3, 32, 32)
+            scorer(images, "a red circle", frozen), scorer(images, "a red circle", frozen)
+        assert calls[-5:] == [2, 3, 2, 3, 2]   # the moved set, then the frozen one once
+
+
 def test_aesthetic_head_equals_the_linear_stack(random_clip, tmp_path):
     head, _ = save_aesthetic(tmp_path, clip_folder=random_clip)
     state = torch.load(head, weights_only=True)

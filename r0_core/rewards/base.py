@@ -40,6 +40,19 @@ class RewardModel(torch.nn.Module):
         rows = [cache[p, max_length] for p in prompts]
         return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
 
+    def reference_embeds(self, references: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """`self.image_embeds(references)` on `device`, kept while the same tensor, unchanged in place, comes back:
+        trainers and evaluators score every batch against one fixed set of reference images."""
+        cached = self.__dict__.get("_reference_cache")
+        if references.requires_grad:   # a caller differentiating through the references gets them fresh
+            return self.image_embeds(references.to(device))
+        version = None if references.is_inference() else references._version   # inference tensors keep none
+        if cached is None or cached[0] is not references or cached[1] != version:
+            with torch.no_grad(), torch.inference_mode(False):
+                embeds = self.image_embeds(references.to(device))
+            self.__dict__["_reference_cache"] = cached = (references, version, embeds)
+        return cached[2].to(device)
+
     @staticmethod
     def check_inputs(images: torch.Tensor, prompts: Sequence[str] | str) -> list[str]:
         """Validate a batch; returns one prompt per image (a single prompt is repeated)."""

@@ -72,6 +72,6 @@ class LambdaHarmonic(RewardModel):
         if references is None or len(references) == 0:
             raise ValueError("LambdaHarmonic needs reference images [N, 3, H, W] in 0..1 (the subject's photos)")
         image = self.encoder.image_embeds(images)
-        refs = self.encoder.image_embeds(references.to(images))
+        refs = self.encoder.reference_embeds(references, image.device)
         text = self.encoder.text_embeds(prompts)
         return (image @ refs.T).mean(1), (image * text).sum(-1)

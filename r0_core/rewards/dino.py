@@ -47,4 +47,5 @@ class DinoSimilarity(RewardModel):
         self.check_inputs(images, prompts if not isinstance(prompts, str) else [prompts] * len(images))
         if references is None or len(references) == 0:
             raise ValueError("DINO similarity needs reference images [N, 3, H, W] in 0..1")
-        return (self.image_embeds(images) @ self.image_embeds(references).T).mean(1)
+        image = self.image_embeds(images)
+        return (image @ self.reference_embeds(references, image.device).T).mean(1)
