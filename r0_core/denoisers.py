@@ -1,4 +1,5 @@
-"""Backbone wrappers exposing `denoised = model(x, sigma)` in the σ convention, with classifier-free guidance."""
+"""Backbone wrappers exposing `denoised = model(x, sigma)` in the σ convention, with classifier-free guidance:
+VP UNets (SD 1.x, SDXL) and rectified-flow transformers (SD3)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -63,3 +64,34 @@ class DiffusersDenoiser(torch.nn.Module):
         if self.prediction_type == "v_prediction":
             return alpha * (alpha * x - s * out)              # x̂0 = α x_vp - σ_vp v, x_vp = α x, σ_vp = σ α
         return out
+
+
+class FlowDenoiser(torch.nn.Module):
+    """A diffusers rectified-flow transformer (SD3Transformer2DModel) as a denoiser: x = (1 - σ) x0 + σ ε and the
+    model predicts the velocity v = ε - x0 at timestep σ · num_train_timesteps, so x̂0 = x - σ v. Sample it with
+    `sample_r0(..., noise_scaling=flow_noise_scaling)`."""
+
+    def __init__(self, transformer, num_train_timesteps: int = 1000):
+        super().__init__()
+        self.transformer, self.num_train_timesteps = transformer, num_train_timesteps
+
+    @classmethod
+    def from_pipeline(cls, pipe) -> "FlowDenoiser":
+        return cls(pipe.transformer, pipe.scheduler.config.num_train_timesteps)
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, *, cond: torch.Tensor, pooled: torch.Tensor,
+                uncond: Optional[torch.Tensor] = None, uncond_pooled: Optional[torch.Tensor] = None,
+                guidance: float = 1.0) -> torch.Tensor:
+        """x̂0 for x at noise level sigma [B]; classifier-free guidance on the velocity (x̂0 is affine in it)."""
+        guided = uncond is not None and guidance != 1.0
+        if guided:
+            x_in, sigma_in = torch.cat([x, x]), torch.cat([sigma, sigma])
+            context, pooled_in = torch.cat([uncond, cond]), torch.cat([uncond_pooled, pooled])
+        else:
+            x_in, sigma_in, context, pooled_in = x, sigma, cond, pooled
+        v = self.transformer(hidden_states=x_in, encoder_hidden_states=context, pooled_projections=pooled_in,
+                             timestep=sigma_in * self.num_train_timesteps).sample
+        if guided:
+            uncond_v, cond_v = v.chunk(2)
+            v = uncond_v + guidance * (cond_v - uncond_v)
+        return x - sigma.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1))) * v

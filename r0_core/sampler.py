@@ -5,6 +5,11 @@ next level with a mix of the predicted noise and fresh noise,
     x_next = x̂0 + σ_next (sqrt(1 - η²) ε̂ + η ξ),    ε̂ = (x - x̂0) / σ,    ξ ~ N(0, I),
 which is SPEC's α' x̂0 + σ' (...) divided by α'. η = 0 is DDIM; η = 1 re-noises with fresh noise only, as LCM
 does. No `no_grad` inside: R0 training backpropagates through the chain.
+
+Rectified-flow models (SD3, Flux) interpolate instead, x = (1 - σ) x0 + σ ε with σ in [0, 1]; the same steps run
+with their `noise_scaling` (ComfyUI's name for it): ε̂ = (x - (1 - σ) x̂0) / σ and
+x_next = (1 - σ_next) x̂0 + σ_next (sqrt(1 - η²) ε̂ + η ξ). η = 0 is then the flow Euler step, η = 1 the
+stochastic one (x̂0, then fresh noise).
 """
 from __future__ import annotations
 
@@ -40,13 +45,25 @@ def seeded_noise_sampler(x: torch.Tensor, seeds: list[int]) -> Callable:
     return sample
 
 
+def vp_noise_scaling(sigma, noise, latent):
+    """x = x0 + σ ε: the σ convention of ε-, v- and x0-prediction (VP) models."""
+    return latent + sigma * noise
+
+
+def flow_noise_scaling(sigma, noise, latent):
+    """x = (1 - σ) x0 + σ ε: rectified flow."""
+    return (1 - sigma) * latent + sigma * noise
+
+
 def sample_r0(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: Optional[dict] = None,
               callback: Optional[Callable[[dict], None]] = None, disable: Optional[bool] = None, *,
-              eta: float = 0.0, noise_sampler: Optional[Callable] = None) -> torch.Tensor:
+              eta: float = 0.0, noise_sampler: Optional[Callable] = None,
+              noise_scaling: Callable = vp_noise_scaling) -> torch.Tensor:
     """Run the K = len(sigmas) - 1 steps from x (already at noise level sigmas[0]); returns the final sample.
 
     eta: a float, a tensor of K values (one per step, as R0 training randomises it) or of [K, B] (per image too).
     noise_sampler(sigma, sigma_next) -> ξ; defaults to torch.randn_like (pass a seeded one for reproducibility).
+    noise_scaling(sigma, noise, latent) -> x at that level: vp_noise_scaling, or flow_noise_scaling.
     callback: called after each step with {"i", "x", "sigma", "sigma_next", "denoised"}; raise Cancelled to stop.
     """
     extra_args = {} if extra_args is None else extra_args
@@ -66,11 +83,11 @@ def sample_r0(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: Optional
         if sigma_next == 0:
             x = denoised                                              # last step: the clean prediction
         else:
-            eps = (x - denoised) / sigma                              # 2. ε̂ implied by x̂0
+            eps = (x - noise_scaling(sigma, 0.0, denoised)) / sigma    # 2. ε̂ implied by x̂0
             e = etas[i].to(x).view(-1, *[1] * (x.ndim - 1)) if per_image else float(etas[i])
             noise = noise_sampler(sigma, sigma_next) if (etas[i] > 0).any() else 0.0
             keep = (1 - e * e).sqrt() if per_image else math.sqrt(1 - e * e)
-            x = denoised + sigma_next * (keep * eps + e * noise)      # 3. re-noise with η
+            x = noise_scaling(sigma_next, keep * eps + e * noise, denoised)   # 3. re-noise with η
         if callback is not None:
             callback({"i": i, "x": x, "sigma": sigma, "sigma_next": sigma_next, "denoised": denoised})
     return x

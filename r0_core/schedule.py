@@ -50,3 +50,18 @@ def sigma_to_timestep(sigma: torch.Tensor, log_sigmas: torch.Tensor) -> torch.Te
 def scheduler_sigmas(scheduler, steps: int, timesteps: Optional[Sequence[int]] = None) -> torch.Tensor:
     """The sampler's schedule for a diffusers scheduler's training noise levels."""
     return r0_sigmas(sigmas_from_alphas_cumprod(scheduler.alphas_cumprod), steps, timesteps)
+
+
+def flow_sigmas(steps: int, shift: float = 1.0, num_train_timesteps: int = 1000) -> torch.Tensor:
+    """A rectified-flow schedule as diffusers' FlowMatchEulerDiscreteScheduler.set_timesteps makes it: K levels
+    evenly spaced from the largest to the smallest shifted training σ, shifted by σ' = s σ / (1 + (s - 1) σ)
+    (SD3: s = 3), then 0."""
+    if steps < 1:
+        raise ValueError(f"steps={steps}; expected at least 1")
+    if not shift > 0:
+        raise ValueError(f"shift={shift}; expected a positive number (SD3 uses 3.0)")
+
+    def shifted(sigma):
+        return shift * sigma / (1 + (shift - 1) * sigma)
+    sigmas = shifted(torch.linspace(shifted(1.0), shifted(1 / num_train_timesteps), steps, dtype=torch.float64))
+    return torch.cat([sigmas, sigmas.new_zeros(1)]).float()
