@@ -9,7 +9,7 @@ import torch
 from r0_core import lora
 from r0_core.generate import generate
 from r0_core.loading import TINY, load_pipeline
-from r0_core.sampler import sample_r0
+from r0_core.sampler import sample_r0, vp_noise_scaling
 from r0_core.schedule import r0_sigmas
 
 from . import bridge
@@ -118,12 +118,21 @@ class R0FewStepGenerate:
         return (images.permute(0, 2, 3, 1).cpu().float(), {"samples": latents.cpu().float()})
 
 
+def native_noise_scaling(model):
+    """The MODEL's own `noise_scaling` (x0 + σ ε for ε/v models, (1 - σ) x0 + σ ε for flow models), found where
+    ComfyUI's lcm sampler finds it; a bare σ-convention denoiser has none and is VP."""
+    patcher = getattr(getattr(model, "inner_model", None), "model_patcher", None)
+    return patcher.get_model_object("model_sampling").noise_scaling if patcher is not None else vp_noise_scaling
+
+
 def comfy_sample_r0(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=0.0):
-    """sample_r0 as ComfyUI's KSAMPLER calls it; fresh noise comes from the prompt's seed, so a run repeats."""
+    """sample_r0 as ComfyUI's KSAMPLER calls it, re-noising through the model's own noise scaling; fresh noise
+    comes from the prompt's seed, so a run repeats."""
     seed = (extra_args or {}).get("seed")
     generator = torch.Generator("cpu").manual_seed(int(seed)) if seed is not None else None
     noise = lambda sigma, sigma_next: torch.randn(x.shape, generator=generator).to(x)  # noqa: E731
-    return sample_r0(model, x, sigmas, extra_args, callback, disable, eta=eta, noise_sampler=noise)
+    return sample_r0(model, x, sigmas, extra_args, callback, disable, eta=eta, noise_sampler=noise,
+                     noise_scaling=native_noise_scaling(model))
 
 
 class R0Sampler:

@@ -83,7 +83,7 @@ def sample_r0(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: Optional
         if sigma_next == 0:
             x = denoised                                              # last step: the clean prediction
         else:
-            eps = (x - noise_scaling(sigma, 0.0, denoised)) / sigma    # 2. ε̂ implied by x̂0
+            eps = (x - noise_scaling(sigma, torch.zeros_like(x), denoised)) / sigma   # 2. ε̂ implied by x̂0
             e = etas[i].to(x).view(-1, *[1] * (x.ndim - 1)) if per_image else float(etas[i])
             noise = noise_sampler(sigma, sigma_next) if (etas[i] > 0).any() else 0.0
             keep = (1 - e * e).sqrt() if per_image else math.sqrt(1 - e * e)
