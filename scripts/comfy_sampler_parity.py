@@ -95,7 +95,7 @@ def main():
     from r0_core.tiny import protocol
     paths = protocol.write_results("comfy_sampler_parity", {"comfyui": comfy_version, "rows": rows, "worst": worst},
                                    "\n".join(lines), out=os.path.join(PACK, "benchmarks", "results"),
-                                   argv=["scripts/comfy_sampler_parity.py"])
+                                   argv=[os.path.join(PACK, "scripts", "comfy_sampler_parity.py")])
     print("\n".join(lines) + f"\nworst {worst:.1e}; wrote {', '.join(paths)}")
     sys.exit(0 if worst < 1e-5 else 1)
 
