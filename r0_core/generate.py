@@ -12,17 +12,64 @@ from .sampler import sample_r0, seeded_noise, seeded_noise_sampler
 from .schedule import scheduler_sigmas
 
 
-def encode_prompts(pipe, prompts: list[str], guidance: float, with_uncond: bool = False):
-    """(cond, uncond) text embeddings; uncond is None when guidance is off, unless with_uncond (the implicit
-    CFG reward needs it without guidance)."""
-    if hasattr(pipe, "text_encoder_2"):
-        raise NotImplementedError("few-step generation with SDXL pipelines (pooled text embeddings and time ids) "
-                                  "is not wired yet; SD 1.x/2.x pipelines and the tiny model are supported")
+def is_sdxl(pipe) -> bool:
+    """SDXL pipelines have a second text encoder whose pooled output, with the time ids, conditions the UNet."""
+    return hasattr(pipe, "text_encoder_2")
+
+
+def require_sd(pipe, what: str) -> None:
+    """Refuse an SDXL pipeline where only SD 1.x/2.x is wired (training and refinement, for now)."""
+    if is_sdxl(pipe):
+        raise NotImplementedError(f"{what} of SDXL pipelines is not supported yet (few-step generation is); use an "
+                                  f"SD 1.x/2.x pipeline or the tiny model")
+
+
+def check_prompts(prompts) -> None:
     if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
         raise ValueError(f"prompts={prompts!r}; expected one or more non-empty strings")
+
+
+def encode_prompts(pipe, prompts: list[str], guidance: float, with_uncond: bool = False):
+    """(cond, uncond) text embeddings of an SD 1.x/2.x pipeline; uncond is None when guidance is off, unless
+    with_uncond (the implicit CFG reward needs it without guidance)."""
+    require_sd(pipe, "R0 training, test-time refinement and LCM distillation")
+    check_prompts(prompts)
     wanted = guidance != 1.0 or with_uncond
     cond, uncond = pipe.encode_prompt(prompts, pipe.unet.device, 1, wanted, negative_prompt=None)[:2]
     return cond, (uncond if wanted else None)
+
+
+def sdxl_time_ids(pipe, pooled: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """SDXL's size conditioning, one row per image: original size, crop corner, target size, as diffusers'
+    pipeline sets them by default (the image's own size, uncropped)."""
+    ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=pooled.dtype, device=pooled.device)
+    expected = pipe.unet.add_embedding.linear_1.in_features
+    given = pipe.unet.config.addition_time_embed_dim * ids.shape[1] + pooled.shape[-1]
+    if given != expected:
+        raise ValueError(f"this SDXL UNet expects {expected} added-conditioning features, but its text encoder and "
+                         f"time ids give {given}: the UNet and text_encoder_2 are from different models")
+    return ids.repeat(len(pooled), 1)
+
+
+def sampling_conditioning(pipe, prompts: list[str], guidance: float, height: Optional[int] = None,
+                          width: Optional[int] = None) -> dict:
+    """The denoiser's keyword arguments for these prompts, for either family: cond/uncond, and for SDXL the
+    added conditioning (pooled text embedding and time ids) of each."""
+    if not is_sdxl(pipe):
+        cond, uncond = encode_prompts(pipe, prompts, guidance)
+        return {"cond": cond, "uncond": uncond}
+    check_prompts(prompts)
+    wanted = guidance != 1.0
+    cond, uncond, pooled, uncond_pooled = pipe.encode_prompt(prompts, device=pipe.unet.device,
+                                                             num_images_per_prompt=1, do_classifier_free_guidance=wanted)
+    _, _, h, w = latent_shape(pipe, len(prompts), height, width)
+    size = (h * pipe.vae_scale_factor, w * pipe.vae_scale_factor)
+    added = {"text_embeds": pooled, "time_ids": sdxl_time_ids(pipe, pooled, *size)}
+    extra = {"cond": cond, "uncond": None, "added_cond": added}
+    if wanted:
+        extra.update(uncond=uncond, uncond_added_cond={"text_embeds": uncond_pooled,
+                                                       "time_ids": sdxl_time_ids(pipe, uncond_pooled, *size)})
+    return extra
 
 
 def decode(pipe, latents: torch.Tensor) -> torch.Tensor:
@@ -59,16 +106,19 @@ def sample_latents(pipe, cond: torch.Tensor, uncond: Optional[torch.Tensor], *, 
                    eta: float = 0.0, guidance: float = 1.0, seeds: Optional[Sequence[int]] = None,
                    timesteps: Optional[Sequence[int]] = None, height: Optional[int] = None,
                    width: Optional[int] = None, callback: Optional[Callable[[dict], None]] = None,
-                   disable: bool = True) -> torch.Tensor:
-    """The R0 sampler on encoded prompts: scaled latents (as the UNet sees them), one image per row of cond."""
+                   disable: bool = True, added_cond: Optional[dict] = None,
+                   uncond_added_cond: Optional[dict] = None) -> torch.Tensor:
+    """The R0 sampler on encoded prompts: scaled latents (as the UNet sees them), one image per row of cond.
+    added_cond / uncond_added_cond: SDXL's pooled embeddings and time ids (sampling_conditioning gives them)."""
     seeds = list(range(len(cond))) if seeds is None else list(seeds)
     checks.number("guidance", guidance)
     model = DiffusersDenoiser.from_pipeline(pipe)
     sigmas = scheduler_sigmas(pipe.scheduler, steps, timesteps).to(cond.device)
     shape = latent_shape(pipe, len(cond), height, width)
     x = start_latents(seeded_noise(shape, seeds, cond.device, cond.dtype), sigmas)
-    return sample_r0(model, x, sigmas, {"cond": cond, "uncond": uncond, "guidance": guidance}, callback, disable,
-                     eta=eta, noise_sampler=seeded_noise_sampler(x, seeds))
+    extra = {"cond": cond, "uncond": uncond, "guidance": guidance, "added_cond": added_cond,
+             "uncond_added_cond": uncond_added_cond}
+    return sample_r0(model, x, sigmas, extra, callback, disable, eta=eta, noise_sampler=seeded_noise_sampler(x, seeds))
 
 
 @torch.no_grad()
@@ -94,8 +144,8 @@ def generate(pipe, prompts: list[str], *, steps: int = 4, eta: float = 0.0, guid
     chunk = memory.images_per_chunk(pipe, len(prompts), height, width, cfg=guidance != 1.0)
     images, latents = [], []
     for start in range(0, len(prompts), chunk):
-        cond, uncond = encode_prompts(pipe, prompts[start:start + chunk], guidance)
-        part = sample_latents(pipe, cond, uncond, steps=steps, eta=eta, guidance=guidance,
+        conditioning = sampling_conditioning(pipe, prompts[start:start + chunk], guidance, height, width)
+        part = sample_latents(pipe, **conditioning, steps=steps, eta=eta, guidance=guidance,
                               seeds=seeds[start:start + chunk], timesteps=timesteps, height=height, width=width,
                               callback=callback, disable=disable)
         images.append(decode(pipe, part))

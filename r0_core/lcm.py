@@ -29,7 +29,7 @@ import torch
 
 from . import checks
 from .denoisers import DiffusersDenoiser
-from .generate import encode_prompts
+from .generate import encode_prompts, require_sd
 from .schedule import sigmas_from_alphas_cumprod
 from .train import (Trainable, TrainResult, check_target, make_accelerator, optimizer_step, pretrained,
                     run_fingerprint, run_iterations, save_curve, save_trained)
@@ -92,6 +92,7 @@ def train_lcm(pipe, images: torch.Tensor, prompts: list[str], config: LCMConfig,
               lora_path: Optional[str] = None, callback: Optional[Callable[[dict], None]] = None,
               adapter: str = "lcm", overwrite: bool = False) -> TrainResult:
     """Distil pipe.unet into a few-step LCM-LoRA on (images [N, 3, H, W] in 0..1, one prompt each)."""
+    require_sd(pipe, "LCM distillation")
     if len(images) != len(prompts) or not len(prompts):
         raise ValueError(f"got {len(images)} images and {len(prompts)} prompts; pass one prompt per image")
     accelerator = make_accelerator(config.mixed_precision, pipe.unet.device)

@@ -25,7 +25,7 @@ import torch
 
 from . import checks, memory
 from .denoisers import DiffusersDenoiser
-from .generate import checkpointed, decode, encode_prompts, latent_shape, start_latents
+from .generate import checkpointed, decode, encode_prompts, latent_shape, require_sd, start_latents
 from .rewards.base import RewardModel
 from .rewards.composite import WeightedReward
 from .rewards.implicit_cfg import ImplicitCFG
@@ -86,6 +86,7 @@ def refine_noise(pipe, reward: RewardModel, prompt: str | Sequence[str], *, iter
         `cancelled=True` (any other exception propagates).
     Works inside torch.inference_mode() (as ComfyUI runs nodes); the pipeline's weights are never changed.
     """
+    require_sd(pipe, "test-time refinement")
     prompts = _check(pipe, reward, prompt, iterations, lr, batch_size, reg_weight, grad_clip, guidance)
     memory.images_per_chunk(pipe, batch_size, height, width, cfg=guidance != 1, training=True,
                             what="test-time refinement")

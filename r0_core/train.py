@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from . import checks, cli, lora, memory
 from .denoisers import DiffusersDenoiser
 from .files import atomic_save, atomic_write
-from .generate import checkpointed, decode, encode_prompts, latent_shape, start_latents
+from .generate import checkpointed, decode, encode_prompts, latent_shape, require_sd, start_latents
 from .rewards import RewardModel, WeightedReward
 from .rewards.implicit_cfg import ImplicitCFG
 from .sampler import Cancelled, sample_r0
@@ -425,6 +425,7 @@ def train_r0(pipe, reward: Optional[RewardModel], config: R0Config, out_dir: str
     saves its state (so calling again resumes it) and a partial LoRA beside lora_path.
     A run resumes only with the same settings, base UNet and rewards (OtherRun otherwise), and never replaces a
     LoRA file it did not make unless overwrite=True (FileExistsError)."""
+    require_sd(pipe, "R0 training")
     accelerator = accelerator or make_accelerator(config.mixed_precision, pipe.unet.device)
     lora_path = lora_path or os.path.join(out_dir, "r0_lora.safetensors")
     check_target(lora_path, out_dir, overwrite)

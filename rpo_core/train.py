@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from r0_core import checks, cli, files, lora, memory
-from r0_core.generate import generate
+from r0_core.generate import generate, require_sd
 from r0_core.rewards import LambdaHarmonic, RewardModel
 from r0_core.rewards.composite import lambda_harmonic
 from r0_core.train import (Trainable, check_target, make_accelerator, optimizer_step, run_fingerprint,
@@ -310,6 +310,7 @@ def train_rpo(pipe, encoder: RewardModel, references: torch.Tensor, config: RPOC
     raising Cancelled there saves the state and the best LoRA so far (as *_partial). A run resumes only with the
     same settings, UNet (with the LoRAs it trains on), encoder and references (OtherRun otherwise), and never
     replaces a LoRA file it did not make unless overwrite=True (FileExistsError)."""
+    require_sd(pipe, "RPO training")
     if references.ndim != 4 or references.shape[1] != 3 or len(references) < 1:
         raise ValueError(f"references have shape {tuple(references.shape)}; expected [N, 3, H, W] in 0..1 with "
                          f"N >= 1 (rpo_core.references.load_references makes that from image files)")
