@@ -5,6 +5,9 @@ under 1 (the logistic loss is then near ln 2 and its gradient near its largest);
 saturates and the term either stops acting or, on a falling L_sim's way, dominates. The test prompts are never
 sampled here, so β can be chosen from these figures.
 
+The rule (written while the sweep ran, after two of its eight runs had finished): among the β whose 90th percentile of mean |βΔ| stays under
+REGULARISING on every subject, the one with the highest best validation score averaged over the subjects.
+
 Subjects: --subjects of r0_core/tiny/subjects.py (default: the first two); training seed 0; the mini DreamBench's
 steps, learning rate and rank. Runs are resumable folders under --out. Writes benchmarks/results/rpo_beta.json/.md.
 """
@@ -22,6 +25,15 @@ from r0_core.tiny import protocol, subjects
 from rpo_core.train import RPOConfig, train_rpo
 
 ALL = subjects.SUBJECTS + subjects.MORE_SUBJECTS
+REGULARISING = 1.0   # |βΔ| below this: the logistic loss is still near its ln 2 and its gradient near its largest
+
+
+def choose(rows: list[dict]) -> dict:
+    """β by the rule above; {"beta": None, ...} when no β stays in the regularising range."""
+    betas = sorted({r["beta"] for r in rows})
+    kept = [b for b in betas if all(r["beta_delta_p90"] < REGULARISING for r in rows if r["beta"] == b)]
+    score = {b: float(np.mean([r["best_validation"] for r in rows if r["beta"] == b])) for b in betas}
+    return {"beta": max(kept, key=score.get) if kept else None, "regularising": kept, "mean_best_validation": score}
 
 
 def main(argv=None):
@@ -68,8 +80,15 @@ def main(argv=None):
                      f"{r['beta_delta_last50']:.3f} | {r['l_pref_first50']:.3f} / {r['l_pref_last50']:.3f} | "
                      f"{r['l_sim_first50']:.3f} / {r['l_sim_last50']:.3f} | {r['best_validation']:.4f} "
                      f"({r['best_iteration']}) |")
+    chosen = choose(rows)
+    lines += ["", f"Regularising (p90 of mean |βΔ| < {REGULARISING:g} on every subject): "
+                  f"{', '.join(f'{b:g}' for b in chosen['regularising']) or 'none'}. Mean best validation score: "
+                  + ", ".join(f"β {b:g}: {v:.4f}" for b, v in chosen["mean_best_validation"].items())
+                  + f". Chosen by the rule: **β = {chosen['beta']:g}**." if chosen["beta"] is not None else
+              "No β stays in the regularising range: lower the learning rate or widen the sweep."]
     text = "\n".join(lines)
-    paths = protocol.write_results("rpo_beta", {"settings": vars(args), "rows": rows}, text, out=args.results)
+    paths = protocol.write_results("rpo_beta", {"settings": vars(args), "rows": rows, "chosen": chosen}, text,
+                                   out=args.results)
     print(text + f"\nwrote {', '.join(paths)}")
 
 
