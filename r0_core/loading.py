@@ -32,6 +32,16 @@ SUPPORTED_PIPELINES = {
     "StableDiffusionPipeline": "StableDiffusionPipeline",
     "StableDiffusionXLPipeline": "StableDiffusionXLPipeline",
 }
+SUPPORTED_FAMILIES = "Stable Diffusion 1.x/2.x (text-to-image) or SDXL base"
+# families a user may bring that the pack does not take yet, by diffusers class name
+UNSUPPORTED_PIPELINES = {
+    "StableDiffusionXLImg2ImgPipeline": "an SDXL refiner (or SDXL img2img) pipeline",
+    "StableDiffusionInpaintPipeline": "an inpainting pipeline",
+    "StableDiffusionXLInpaintPipeline": "an SDXL inpainting pipeline",
+    "StableDiffusionImg2ImgPipeline": "an img2img pipeline",
+    "StableDiffusion3Pipeline": "an SD3 pipeline (rectified flow)",
+    "FluxPipeline": "a Flux pipeline (rectified flow)",
+}
 
 
 class ModelLoadError(ValueError):
@@ -68,8 +78,10 @@ def _check_folder(folder: str, components: bool = True) -> str:
         raise ModelLoadError(f"{index_path} is not valid JSON ({e}); re-copy the model folder") from e
     class_name = index.get("_class_name")
     if class_name not in SUPPORTED_PIPELINES:
-        raise ModelLoadError(f"{index_path} describes a {class_name!r}; expected one of "
-                             f"{sorted(SUPPORTED_PIPELINES)} (Stable Diffusion 1.x/2.x or SDXL)")
+        found = f"{UNSUPPORTED_PIPELINES[class_name]} ({class_name})" if class_name in UNSUPPORTED_PIPELINES \
+            else f"a {class_name!r}"
+        raise ModelLoadError(f"{index_path} describes {found}, which the pack does not support yet; supported: "
+                             f"{SUPPORTED_FAMILIES} ({' or '.join(sorted(SUPPORTED_PIPELINES))})")
     for component, spec in index.items():
         if not components or component.startswith("_") or not isinstance(spec, list) or spec[0] is None:
             continue
@@ -176,8 +188,22 @@ def load_failure(what: str, path: str, error: Exception) -> ModelLoadError:
 
 def detect_architecture(shapes: dict[str, tuple[int, ...]], path: str = "<state dict>") -> str:
     """Which bundled config fits an original-layout (LDM) checkpoint, from its keys and shapes:
-    'sd15', 'sd2', 'sdxl' or 'tiny'."""
+    'sd15', 'sd2', 'sdxl' or 'tiny'; a family the pack does not support yet is named and refused."""
+    def refuse(found: str):
+        raise ModelLoadError(f"checkpoint {path} is {found}, which the pack does not support yet; supported: "
+                             f"{SUPPORTED_FAMILIES} single-file checkpoints, or their diffusers folders")
+
+    if any(k.startswith(("model.diffusion_model.joint_blocks.", "joint_blocks.")) for k in shapes):
+        refuse("an SD3 (MMDiT, rectified flow) checkpoint")
+    if any(k.startswith(("model.diffusion_model.double_blocks.", "double_blocks.")) for k in shapes):
+        refuse("a Flux (rectified flow) checkpoint")
+    unet_in = shapes.get("model.diffusion_model.input_blocks.0.0.weight")
+    if unet_in is not None and len(unet_in) == 4 and unet_in[1] != 4:
+        refuse(f"an inpainting (or other image-conditioned) checkpoint: its UNet takes {unet_in[1]} input channels "
+               f"where text-to-image takes 4")
     if any(k.startswith("conditioner.embedders.") for k in shapes):
+        if not any(k.startswith("conditioner.embedders.0.transformer.") for k in shapes):
+            refuse("an SDXL refiner checkpoint (one OpenCLIP text encoder, no CLIP ViT-L)")
         return "sdxl"
     if any(k.startswith("cond_stage_model.model.") for k in shapes):
         return "sd2"

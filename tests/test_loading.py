@@ -63,10 +63,36 @@ def test_architecture_is_detected_from_keys():
     unet = {"model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3)}
     sd15 = {**unet, "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": (49408, 768)}
     sd2 = {**unet, "cond_stage_model.model.token_embedding.weight": (49408, 1024)}
-    sdxl = {**unet, "conditioner.embedders.1.model.token_embedding.weight": (49408, 1280)}
+    sdxl = {**unet, "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight": (49408, 768),
+            "conditioner.embedders.1.model.token_embedding.weight": (49408, 1280)}
     assert [detect_architecture(d) for d in (sd15, sd2, sdxl)] == ["sd15", "sd2", "sdxl"]
     with pytest.raises(ModelLoadError, match="unknown architecture"):
         detect_architecture({"encoder.layer.0.weight": (3, 3)}, "bert.safetensors")
+
+
+@pytest.mark.parametrize("keys, found", [
+    ({"model.diffusion_model.input_blocks.0.0.weight": (320, 9, 3, 3),
+      "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": (49408, 768)}, "an inpainting"),
+    ({"model.diffusion_model.input_blocks.0.0.weight": (384, 4, 3, 3),
+      "conditioner.embedders.0.model.token_embedding.weight": (49408, 1280)}, "an SDXL refiner"),
+    ({"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": (4608, 1536)}, "an SD3"),
+    ({"double_blocks.0.img_attn.qkv.weight": (9216, 3072)}, "a Flux"),
+])
+def test_unsupported_families_are_named_with_the_supported_ones(keys, found):
+    with pytest.raises(ModelLoadError) as e:
+        detect_architecture(keys, "model.safetensors")
+    message = str(e.value)
+    assert found in message and "model.safetensors" in message and "SDXL base" in message and "1.x/2.x" in message
+
+
+@pytest.mark.parametrize("class_name, found", [("StableDiffusionXLImg2ImgPipeline", "SDXL refiner"),
+                                               ("StableDiffusionInpaintPipeline", "inpainting"),
+                                               ("StableDiffusion3Pipeline", "SD3"), ("KandinskyPipeline", "Kandinsky")])
+def test_unsupported_pipeline_folders_are_named(tmp_path, class_name, found):
+    (tmp_path / "model_index.json").write_text('{"_class_name": "%s"}' % class_name)
+    with pytest.raises(ModelLoadError) as e:
+        load_pipeline(str(tmp_path))
+    assert found in str(e.value) and "SDXL base" in str(e.value) and "StableDiffusionXLPipeline" in str(e.value)
 
 
 def test_missing_paths_name_what_was_expected(tmp_path):
