@@ -32,7 +32,7 @@ from .denoisers import DiffusersDenoiser
 from .generate import encode_prompts, require_sd
 from .schedule import sigmas_from_alphas_cumprod
 from .train import (Trainable, TrainResult, check_target, make_accelerator, optimizer_step, pretrained,
-                    run_fingerprint, run_iterations, save_curve, save_trained)
+                    run_fingerprint, run_iterations, save_curve, save_trained, share)
 
 SIGMA_DATA = 0.5          # LCM's boundary-condition constants (diffusers' example)
 TIMESTEP_SCALING = 10.0
@@ -107,6 +107,7 @@ def train_lcm(pipe, images: torch.Tensor, prompts: list[str], config: LCMConfig,
         trainable = Trainable(pipe.unet, config, adapter, keep_pretrained=True)  # the teacher
         optimizer = torch.optim.AdamW(trainable.params, lr=config.lr, weight_decay=0.0)
         unet, optimizer = accelerator.prepare(pipe.unet, optimizer)
+        part = share(accelerator, config.batch_size)
         alphas_cumprod = pipe.scheduler.alphas_cumprod
         prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
         model = DiffusersDenoiser(unet, alphas_cumprod, prediction)
@@ -116,17 +117,18 @@ def train_lcm(pipe, images: torch.Tensor, prompts: list[str], config: LCMConfig,
         levels = torch.arange(1, config.ddim_timesteps + 1) * skip - 1     # t_n: 19, 39, ..., 999 for T = 1000
 
         def step(iteration: int, gen: torch.Generator) -> dict:
-            picks = torch.randint(len(prompts), (config.batch_size,), generator=gen)
+            total = config.batch_size   # drawn whole on every process, each keeping its share (train.share)
+            picks = torch.randint(len(prompts), (total,), generator=gen)[part]
             batch_prompts = [prompts[i] for i in picks.tolist()]
             with torch.no_grad():
                 x0 = encode_images(pipe, images[picks].to(unet.device))
                 cond, uncond = encode_prompts(pipe, batch_prompts, 1.0, with_uncond=True)
             lo, hi = config.guidance_range
-            omega = lo + (hi - lo) * torch.rand(len(x0), generator=gen)
-            t = levels[torch.randint(config.ddim_timesteps, (len(x0),), generator=gen)]
+            omega = lo + (hi - lo) * torch.rand(total, generator=gen)[part]
+            t = levels[torch.randint(config.ddim_timesteps, (total,), generator=gen)[part]]
             t_prev = (t - skip).clamp(min=0)
             sigma, sigma_prev = table[t].to(x0.device), table[t_prev].to(x0.device)
-            x = x0 + sigma.view(-1, 1, 1, 1) * torch.randn(x0.shape, generator=gen).to(x0)   # 2.
+            x = x0 + sigma.view(-1, 1, 1, 1) * torch.randn((total, *x0.shape[1:]), generator=gen)[part].to(x0)  # 2.
             unet.train()
             with accelerator.autocast():
                 with torch.no_grad():
@@ -150,7 +152,8 @@ def train_lcm(pipe, images: torch.Tensor, prompts: list[str], config: LCMConfig,
         steps = [h["iteration"] for h in history]
         curve = save_curve(os.path.join(out_dir, "curve.png"), {"consistency loss": (steps, [h["loss"] for h in
                                                                                             history])},
-                           {"reg_weight·‖θ−θ0‖²": (steps, [h["reg"] for h in history])}, top_label="loss")
+                           {"reg_weight·‖θ−θ0‖²": (steps, [h["reg"] for h in history])}, top_label="loss",
+                           write=accelerator.is_main_process)
         metadata = {"lcm_config": json.dumps(dataclasses.asdict(config), default=str),
                     "lcm_iterations": str(len(history))}
         result_path = save_trained(pipe, trainable, accelerator, out_dir, lora_path, adapter, cancelled, metadata)

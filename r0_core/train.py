@@ -145,20 +145,36 @@ def read_prompts(path: str) -> list[str]:
     return prompts
 
 
-def _rng(config: R0Config, iteration: int, process: int) -> torch.Generator:
-    return torch.Generator("cpu").manual_seed((config.seed * 1_000_003 + iteration) * 64 + process)
+def _rng(config, iteration: int) -> torch.Generator:
+    """The iteration's generator, the same on every process (see `share`)."""
+    return torch.Generator("cpu").manual_seed((config.seed * 1_000_003 + iteration) * 64)
 
 
-def generator_latents(model, config: R0Config, cond, uncond, shape, sigmas, gen: torch.Generator) -> torch.Tensor:
-    """Clean latents [B, C, h, w] from the K-step generator, differentiable w.r.t. the trainable weights."""
+def share(accelerator, batch_size: int) -> slice:
+    """This process's rows of a global batch. Every process draws the whole batch from the same generator and
+    keeps its own share, so a run gives the same weights whatever the number of processes (the gradients, averaged
+    over processes, are the whole batch's mean)."""
+    processes, index = accelerator.num_processes, accelerator.process_index
+    if batch_size % processes:
+        raise ValueError(f"batch_size={batch_size} does not split evenly over {processes} processes; use a "
+                         f"multiple of {processes}")
+    rows = batch_size // processes
+    return slice(index * rows, (index + 1) * rows)
+
+
+def generator_latents(model, config: R0Config, cond, uncond, shape, sigmas, gen: torch.Generator,
+                      part: slice = slice(None)) -> torch.Tensor:
+    """Clean latents from the K-step generator, differentiable w.r.t. the trainable weights: the `part` rows of
+    a global batch of `shape` (its noise and η drawn for all of it)."""
     lo, hi = config.eta_range
     etas = lo + (hi - lo) * torch.rand(config.steps, *(shape[:1] if config.eta_per_image else ()), generator=gen)
+    etas = etas[:, part] if config.eta_per_image else etas
     if config.mode == "r0+":
         weights = config.plus_step_weights
         k = int(torch.multinomial(torch.tensor(weights, dtype=torch.float), 1, generator=gen) if weights
                 else torch.randint(config.steps, (1,), generator=gen))
-    x = start_latents(torch.randn(shape, generator=gen).to(cond), sigmas)
-    noise = lambda sigma, sigma_next: torch.randn(shape, generator=gen).to(cond)  # noqa: E731
+    x = start_latents(torch.randn(shape, generator=gen)[part].to(cond), sigmas)
+    noise = lambda sigma, sigma_next: torch.randn(shape, generator=gen)[part].to(cond)  # noqa: E731
     extra = {"cond": cond, "uncond": uncond, "guidance": config.guidance}
     if config.mode == "r0":
         return sample_r0(model, x, sigmas, extra, eta=etas, noise_sampler=noise, disable=True)
@@ -254,8 +270,11 @@ class Trainable:
 
 
 def save_curve(path: str, top: dict[str, tuple[list, list]], bottom: dict[str, tuple[list, list]],
-               top_label: str = "reward (batch mean)", x_label: str = "iteration") -> str:
-    """Two panels of named (x, y) series, each drawn faintly with its moving average over it, as a PNG."""
+               top_label: str = "reward (batch mean)", x_label: str = "iteration", write: bool = True) -> str:
+    """Two panels of named (x, y) series, each drawn faintly with its moving average over it, as a PNG.
+    write=False (the other processes of a data-parallel run) only returns the path."""
+    if not write:
+        return path
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -366,7 +385,7 @@ def run_iterations(config, trainable: Trainable, optimizer, accelerator, out_dir
                    extra: Optional[dict] = None) -> tuple[list[dict], bool]:
     """The loop every trainer shares. Resumes from out_dir/trainer_state.pt when it holds the run
     `fingerprint` names (run_fingerprint), then calls step(iteration, gen) -> that iteration's history entry for each
-    iteration left, with gen seeded by (seed, iteration, process) so a resumed run repeats what an uninterrupted
+    iteration left, with gen seeded by (seed, iteration) so a resumed run repeats what an uninterrupted
     one would have done. Saves the state (trainable weights, optimizer, `extra` objects with state_dict, the
     history) every config.checkpoint_every iterations and at the end. callback({"i", "total", **entry}) after
     each iteration; raising Cancelled there saves the state and stops. Returns (history, cancelled)."""
@@ -396,7 +415,7 @@ def run_iterations(config, trainable: Trainable, optimizer, accelerator, out_dir
                unit="it", disable=not accelerator.is_main_process, leave=False)
     try:
         for iteration in range(start, config.iterations):
-            history.append(step(iteration, _rng(config, iteration, accelerator.process_index)))
+            history.append(step(iteration, _rng(config, iteration)))
             entry = {k: v for k, v in history[-1].items() if k != "iteration"}
             bar.update(1)
             bar.set_postfix(loss=f"{entry['loss']:.4g}")
@@ -463,22 +482,24 @@ def train_r0(pipe, reward: Optional[RewardModel], config: R0Config, out_dir: str
         base = DiffusersDenoiser(trainable.frozen if trainable.full else unet, alphas_cumprod, prediction) \
             if cfg is not None else None   # the pretrained model, asked inside `pretrained(trainable)`
         sigmas = scheduler_sigmas(pipe.scheduler, config.steps).to(unet.device)
-        shape = latent_shape(pipe, config.batch_size, config.height, config.width)
+        shape = latent_shape(pipe, config.batch_size, config.height, config.width)   # the global batch
+        part = share(accelerator, config.batch_size)
 
         def step(iteration: int, gen: torch.Generator) -> dict:
             picks = torch.randint(len(config.prompts), (config.batch_size,), generator=gen).tolist()
-            prompts = [config.prompts[i] for i in picks]
+            prompts = [config.prompts[i] for i in picks][part]
             with torch.no_grad():
                 cond, uncond = encode_prompts(pipe, prompts, config.guidance, with_uncond=cfg is not None)
             unet.train()
             with accelerator.autocast():
                 latents = generator_latents(model, config, cond, uncond if config.guidance != 1 else None,
-                                            shape, sigmas, gen)
+                                            shape, sigmas, gen, part)
                 images = (checkpointed(decode) if config.gradient_checkpointing else decode)(pipe, latents)
                 direction = None
                 if cfg is not None:
                     with pretrained(trainable):
-                        direction = cfg.direction(base, latents, cond, uncond, alphas_cumprod, gen)
+                        direction = cfg.direction(base, latents, cond, uncond, alphas_cumprod, gen, part,
+                                                  config.batch_size)
                 loss, rewards = reward_loss(reward, images, prompts, normalize, cfg, latents, direction)
                 reg = config.reg_weight * trainable.delta_norm2()
             optimizer_step(accelerator, trainable, optimizer, loss + reg, config.grad_clip)
@@ -500,7 +521,8 @@ def train_r0(pipe, reward: Optional[RewardModel], config: R0Config, out_dir: str
                    for j in range(len(history[0]["rewards"]) if history else 0)}
         curve = save_curve(os.path.join(out_dir, "curve.png"), rewards,
                            {"loss": (steps, [h["loss"] for h in history]),
-                            "reg_weight·‖θ−θ0‖²": (steps, [h["reg"] for h in history])})
+                            "reg_weight·‖θ−θ0‖²": (steps, [h["reg"] for h in history])},
+                           write=accelerator.is_main_process)
         metadata = {"r0_config": json.dumps({k: v for k, v in dataclasses.asdict(config).items()
                                              if k != "prompts"}, default=str),
                     "r0_iterations": str(len(history))}

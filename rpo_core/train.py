@@ -49,7 +49,7 @@ from r0_core.generate import generate, require_sd
 from r0_core.rewards import LambdaHarmonic, RewardModel
 from r0_core.rewards.composite import lambda_harmonic
 from r0_core.train import (Trainable, check_target, make_accelerator, optimizer_step, run_fingerprint,
-                           run_iterations, save_curve, save_trained)
+                           run_iterations, save_curve, save_trained, share)
 
 from .dreambench import strip_token
 
@@ -374,17 +374,22 @@ def train_rpo(pipe, encoder: RewardModel, references: torch.Tensor, config: RPOC
             pipe.unet.enable_gradient_checkpointing()
         optimizer = torch.optim.AdamW(trainable.params, lr=config.lr, weight_decay=1e-2)
         unet, optimizer = accelerator.prepare(pipe.unet, optimizer)
+        part = share(accelerator, config.batch_size)
         scheduler = pipe.scheduler  # add_noise and the prediction type: the training-time schedule
-        selection = Selection(trainable, out_dir if config.keep_validated else None)
+        keep_in = out_dir if config.keep_validated and accelerator.is_main_process else None   # one writer
+        selection = Selection(trainable, keep_in)
 
         def step(iteration: int, gen: torch.Generator) -> dict:
-            b = config.batch_size
-            i_ref = torch.randint(len(references), (b,), generator=gen)
-            i_neg = torch.randint(len(neg_images), (b,), generator=gen)
-            labels = preference_labels(r_ref[i_ref, prompt_index[i_neg]], r_gen[i_neg], config.tau, gen)
+            # the whole batch's pairs, labels, noise and timesteps are drawn on every process; each keeps its share
+            total = config.batch_size
+            i_ref = torch.randint(len(references), (total,), generator=gen)
+            i_neg = torch.randint(len(neg_images), (total,), generator=gen)
+            labels = preference_labels(r_ref[i_ref, prompt_index[i_neg]], r_gen[i_neg], config.tau, gen)[part]
+            noise, t = pair_noise(ref_latents[i_ref], scheduler, gen)
+            i_ref, i_neg, noise, t = i_ref[part], i_neg[part], noise[part], t[part]
+            b = len(i_ref)
             cond = torch.cat([ref_cond.expand(b, -1, -1), prompt_cond[prompt_index[i_neg]]])
             refs, gens = ref_latents[i_ref], neg_latents[i_neg].to(ref_latents)
-            noise, t = pair_noise(refs, scheduler, gen)
             unet.train()
             with accelerator.autocast():
                 loss_theta = pair_losses(unet, scheduler, refs, gens, cond, noise, t)
@@ -398,7 +403,7 @@ def train_rpo(pipe, encoder: RewardModel, references: torch.Tensor, config: RPOC
                     beta_delta = (config.beta * delta).detach().abs().mean()
                 l_prior = torch.zeros(())
                 if prior_latents is not None:
-                    j = torch.randint(len(prior_latents), (b,), generator=gen)
+                    j = torch.randint(len(prior_latents), (total,), generator=gen)[part]
                     l_prior = config.prior_weight * diffusion_losses(
                         unet, scheduler, prior_latents[j].to(ref_latents), class_cond.expand(b, -1, -1), noise,
                         t).mean()
@@ -431,7 +436,7 @@ def train_rpo(pipe, encoder: RewardModel, references: torch.Tensor, config: RPOC
                            {"L_sim": (steps, [h["l_sim"] for h in history]),
                             "L_pref": (steps, [h["l_pref"] for h in history]),
                             "mean |βΔ|": (steps, [h.get("beta_delta", 0.0) for h in history])},
-                           top_label="validation reward")
+                           top_label="validation reward", write=accelerator.is_main_process)
         metadata = {"rpo_config": json.dumps(dataclasses.asdict(config), default=str),
                     "rpo_iteration": str(best["iteration"] if config.select_best else len(history))}
         result_path = save_trained(pipe, trainable, accelerator, out_dir, lora_path, adapter, cancelled, metadata)

@@ -46,13 +46,16 @@ class ImplicitCFG:
         return table[t].float()
 
     def direction(self, base, latents: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
-                  alphas_cumprod: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+                  alphas_cumprod: torch.Tensor, gen: torch.Generator, part: slice = slice(None),
+                  total: int | None = None) -> torch.Tensor:
         """The guidance direction x̂0(x_t, c) − x̂0(x_t, ∅) [B, C, h, w] of the frozen σ-denoiser `base` at a
-        random re-noising of `latents`; detached."""
+        random re-noising of `latents`; detached. `latents` may be the `part` rows of a batch of `total`, whose
+        re-noising is then drawn for the whole batch (as a trainer's processes share one)."""
         with torch.no_grad():
             x0 = latents.detach()
-            sigma = self.sigmas(alphas_cumprod, len(x0), gen).to(x0.device)
-            noise = torch.randn(x0.shape, generator=gen).to(x0)
+            total = total or len(x0)
+            sigma = self.sigmas(alphas_cumprod, total, gen)[part].to(x0.device)
+            noise = torch.randn((total, *x0.shape[1:]), generator=gen)[part].to(x0)
             x_t = x0 + sigma.view(-1, *[1] * (x0.ndim - 1)).to(x0.dtype) * noise
             both = base(torch.cat([x_t, x_t]), torch.cat([sigma, sigma]), cond=torch.cat([cond, uncond]))
             conditional, unconditional = both.float().chunk(2)
