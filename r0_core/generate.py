@@ -60,8 +60,8 @@ def sampling_conditioning(pipe, prompts: list[str], guidance: float, height: Opt
         return {"cond": cond, "uncond": uncond}
     check_prompts(prompts)
     wanted = guidance != 1.0
-    cond, uncond, pooled, uncond_pooled = pipe.encode_prompt(prompts, device=pipe.unet.device,
-                                                             num_images_per_prompt=1, do_classifier_free_guidance=wanted)
+    cond, uncond, pooled, uncond_pooled = pipe.encode_prompt(
+        prompts, device=pipe.unet.device, num_images_per_prompt=1, do_classifier_free_guidance=wanted)
     _, _, h, w = latent_shape(pipe, len(prompts), height, width)
     size = (h * pipe.vae_scale_factor, w * pipe.vae_scale_factor)
     added = {"text_embeds": pooled, "time_ids": sdxl_time_ids(pipe, pooled, *size)}

@@ -6,7 +6,6 @@ import pathlib
 import subprocess
 import sys
 
-import torch
 from safetensors.torch import load_file
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -69,7 +69,8 @@ def test_r0_sampler_equals_flow_match_euler(transformer, eta, guidance):
 def test_eta_between_mixes_the_two(transformer):
     """η in (0, 1) is neither: it keeps part of the predicted noise."""
     g = torch.Generator().manual_seed(2)
-    x, cond, pooled = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 5, 16, generator=g), torch.randn(1, 8, generator=g)
+    x, cond = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 5, 16, generator=g)
+    pooled = torch.randn(1, 8, generator=g)
     run = {}
     for eta in (0.0, 0.5, 1.0):
         noise = torch.Generator().manual_seed(3)
