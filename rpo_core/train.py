@@ -300,16 +300,8 @@ def frozen_model(pipe, others: list, adapter: str, frozen_unet):
 
 # ----------------------------------------------------------------------------------------------- the trainer
 
-def train_rpo(pipe, encoder: RewardModel, references: torch.Tensor, config: RPOConfig, out_dir: str,
-              lora_path: Optional[str] = None, callback: Optional[Callable[[dict], None]] = None,
-              accelerator=None, adapter: str = "rpo", overwrite: bool = False) -> RPOResult:
-    """Fine-tune pipe.unet on the subject in `references` ([N, 3, H, W] in 0..1 at the model's size), with the
-    λ-Harmonic reward on `encoder` (any scorer with image_embeds and text_embeds: CLIP, ALIGN, ...).
-    Checkpoints to out_dir and resumes from it; the best validated weights end up in pipe.unet (adapter
-    `adapter`, left active) and in lora_path. callback({"i", "total", "loss", ...}) after each iteration;
-    raising Cancelled there saves the state and the best LoRA so far (as *_partial). A run resumes only with the
-    same settings, UNet (with the LoRAs it trains on), encoder and references (OtherRun otherwise), and never
-    replaces a LoRA file it did not make unless overwrite=True (FileExistsError)."""
+def check_inputs(pipe, references: torch.Tensor, config: RPOConfig) -> None:
+    """Everything about the inputs that can be refused before any work."""
     require_sd(pipe, "RPO training")
     if references.ndim != 4 or references.shape[1] != 3 or len(references) < 1:
         raise ValueError(f"references have shape {tuple(references.shape)}; expected [N, 3, H, W] in 0..1 with "
@@ -325,46 +317,122 @@ def train_rpo(pipe, encoder: RewardModel, references: torch.Tensor, config: RPOC
         raise ValueError(f"references are {references.shape[-2]}x{references.shape[-1]} pixels; this model trains at "
                          f"{size}x{size}: fit them with rpo_core.references.load_references(..., size={size}) "
                          f"(or fit(images, {size}))")
-    device = pipe.unet.device
-    accelerator = accelerator or make_accelerator(config.mixed_precision, device)
-    lora_path = lora_path or os.path.join(out_dir, "rpo_lora.safetensors")
-    check_target(lora_path, out_dir, overwrite)
-    os.makedirs(out_dir, exist_ok=True)
     if any(p.is_inference() for p in pipe.unet.parameters()):
         raise ValueError("the pipeline's weights were made in torch.inference_mode(), so they cannot be trained; "
                          "load it outside inference mode (load_pipeline and the R0 Load Pipeline node do)")
 
+
+@dataclass
+class PreferenceData:
+    """What every step draws its pairs from, made by the frozen model before any weight moves (RPO's steps 1-2):
+    the references' and negatives' latents, each negative's prompt, the λ-Harmonic rewards that label a pair, the
+    text conditioning, and the class images of prior preservation (None without it)."""
+    ref_latents: torch.Tensor
+    neg_latents: torch.Tensor
+    neg_prompt: torch.Tensor       # index into config.prompts, per negative
+    r_ref: torch.Tensor            # [N_ref, N_prompts]: every reference against every prompt
+    r_gen: torch.Tensor            # [N_neg]
+    ref_cond: torch.Tensor
+    prompt_cond: torch.Tensor
+    class_cond: torch.Tensor
+    prior_latents: Optional[torch.Tensor]
+
+
+def preference_data(pipe, config: RPOConfig, label_reward: LambdaHarmonic, references: torch.Tensor) -> PreferenceData:
+    on = scorer_device(label_reward.encoder)
+    neg_images, neg_latents, neg_prompts = sample(pipe, config.prompts, config, config.seed * 100_003,
+                                                  config.negatives_per_prompt)
+    with torch.no_grad():
+        n = len(references)
+        r_ref = label_reward(references.to(on).repeat(len(config.prompts), 1, 1, 1),
+                             [p for p in config.prompts for _ in range(n)]).cpu().view(-1, n).T
+        prior_latents = None
+        if config.prior_weight > 0:
+            _, prior_latents, _ = sample(pipe, [f"a {config.class_name}"], config, config.seed * 100_003 + 7919,
+                                         config.negatives_per_prompt * len(config.prompts))
+        embed = lambda texts: pipe.encode_prompt(texts, pipe.unet.device, 1, False)[0]  # noqa: E731
+        return PreferenceData(vae_latents(pipe, references), neg_latents,
+                              torch.tensor([config.prompts.index(p) for p in neg_prompts]), r_ref,
+                              label_reward(neg_images.to(on), neg_prompts).cpu(), embed([config.reference_prompt]),
+                              embed(config.prompts), embed([f"a {config.class_name}"]), prior_latents)
+
+
+def draw_pairs(data: PreferenceData, config: RPOConfig, scheduler, gen: torch.Generator, part: slice) -> dict:
+    """A step's pairs (reference, negative), their labels, shared noise and timesteps, and prior-preservation
+    images: drawn for the whole batch on every process, each keeping its share `part`."""
+    total = config.batch_size
+    i_ref = torch.randint(len(data.ref_latents), (total,), generator=gen)
+    i_neg = torch.randint(len(data.neg_latents), (total,), generator=gen)
+    labels = preference_labels(data.r_ref[i_ref, data.neg_prompt[i_neg]], data.r_gen[i_neg], config.tau, gen)
+    noise, t = pair_noise(data.ref_latents[i_ref], scheduler, gen)
+    prior = None
+    if data.prior_latents is not None:
+        prior = data.prior_latents[torch.randint(len(data.prior_latents), (total,), generator=gen)[part]]
+    i_ref, i_neg = i_ref[part], i_neg[part]
+    cond = torch.cat([data.ref_cond.expand(len(i_ref), -1, -1), data.prompt_cond[data.neg_prompt[i_neg]]])
+    return {"refs": data.ref_latents[i_ref], "gens": data.neg_latents[i_neg].to(data.ref_latents),
+            "labels": labels[part], "noise": noise[part], "t": t[part], "cond": cond, "prior": prior}
+
+
+def rpo_loss(unet, frozen, scheduler, pairs: dict, data: PreferenceData, config: RPOConfig) -> dict:
+    """L_sim (the references' diffusion loss: DreamBooth's), + L_pref (the labelled preference between each
+    reference and its negative, against the frozen model: `frozen()` enters it), + the prior-preservation loss."""
+    refs, gens, noise, t = pairs["refs"], pairs["gens"], pairs["noise"], pairs["t"]
+    b = len(refs)
+    loss_theta = pair_losses(unet, scheduler, refs, gens, pairs["cond"], noise, t)
+    l_sim = loss_theta[:b].mean()
+    l_pref, beta_delta, l_prior = torch.zeros(()), torch.zeros(()), torch.zeros(())
+    if config.preference:
+        with torch.no_grad(), frozen() as ref_unet:
+            loss_ref = pair_losses(ref_unet, scheduler, refs, gens, pairs["cond"], noise, t)
+        delta = (loss_ref[:b] - loss_theta[:b]) - (loss_ref[b:] - loss_theta[b:])
+        l_pref = preference_loss(delta, pairs["labels"].to(delta), config.beta)
+        beta_delta = (config.beta * delta).detach().abs().mean()
+    if pairs["prior"] is not None:
+        l_prior = config.prior_weight * diffusion_losses(unet, scheduler, pairs["prior"].to(refs),
+                                                         data.class_cond.expand(b, -1, -1), noise, t).mean()
+    return {"loss": l_sim + l_pref + l_prior, "l_sim": l_sim, "l_pref": l_pref, "beta_delta": beta_delta}
+
+
+def save_rpo_curve(out_dir: str, history: list[dict], validations: list[dict], config: RPOConfig, write: bool) -> str:
+    steps = [h["iteration"] for h in history]
+    return save_curve(os.path.join(out_dir, "curve.png"),
+                      {f"λ_val={config.lambda_val} validation": ([v["iteration"] for v in validations],
+                                                                 [v["score"] for v in validations])},
+                      {"L_sim": (steps, [h["l_sim"] for h in history]),
+                       "L_pref": (steps, [h["l_pref"] for h in history]),
+                       "mean |βΔ|": (steps, [h.get("beta_delta", 0.0) for h in history])},
+                      top_label="validation reward", write=write)
+
+
+def train_rpo(pipe, encoder: RewardModel, references: torch.Tensor, config: RPOConfig, out_dir: str,
+              lora_path: Optional[str] = None, callback: Optional[Callable[[dict], None]] = None,
+              accelerator=None, adapter: str = "rpo", overwrite: bool = False) -> RPOResult:
+    """Fine-tune pipe.unet on the subject in `references` ([N, 3, H, W] in 0..1 at the model's size), with the
+    λ-Harmonic reward on `encoder` (any scorer with image_embeds and text_embeds: CLIP, ALIGN, ...).
+    Checkpoints to out_dir and resumes from it; the best validated weights end up in pipe.unet (adapter
+    `adapter`, left active) and in lora_path. callback({"i", "total", "loss", ...}) after each iteration;
+    raising Cancelled there saves the state and the best LoRA so far (as *_partial). A run resumes only with the
+    same settings, UNet (with the LoRAs it trains on), encoder and references (OtherRun otherwise), and never
+    replaces a LoRA file it did not make unless overwrite=True (FileExistsError)."""
+    check_inputs(pipe, references, config)
+    accelerator = accelerator or make_accelerator(config.mixed_precision, pipe.unet.device)
+    lora_path = lora_path or os.path.join(out_dir, "rpo_lora.safetensors")
+    check_target(lora_path, out_dir, overwrite)
+    os.makedirs(out_dir, exist_ok=True)
+
     with torch.inference_mode(False), torch.enable_grad():
         pipe.vae.requires_grad_(False)
         pipe.text_encoder.requires_grad_(False)
-        references = references.float().to(device)
+        references = references.float().to(pipe.unet.device)
         on = scorer_device(encoder)
-        label_reward = LambdaHarmonic(encoder, config.lambda_train, references.to(on))
         val_reward = LambdaHarmonic(encoder, config.lambda_val, references.to(on))
-
-        # 1-2: negatives, class images and rewards, from the frozen model, before any weight moves
         others = [(n, w) for n, w in lora.active_loras(pipe) if n != adapter]
         pictures = hashlib.sha256(references.cpu().numpy().tobytes()).hexdigest()
         fingerprint = run_fingerprint(config, pipe.unet, encoder, adapters=[n for n, _ in others],
                                       extra=f"{others}{pictures}")
-        neg_images, neg_latents, neg_prompts = sample(pipe, config.prompts, config, config.seed * 100_003,
-                                                      config.negatives_per_prompt)
-        with torch.no_grad():
-            ref_latents = vae_latents(pipe, references)
-            r_gen = label_reward(neg_images.to(on), neg_prompts).cpu()
-            # every reference against every prompt, in one call: [N_ref, N_prompts]
-            n = len(references)
-            r_ref = label_reward(references.to(on).repeat(len(config.prompts), 1, 1, 1),
-                                 [p for p in config.prompts for _ in range(n)]).cpu().view(-1, n).T
-            prior_latents = None
-            if config.prior_weight > 0:
-                _, prior_latents, _ = sample(pipe, [f"a {config.class_name}"], config, config.seed * 100_003 + 7919,
-                                             config.negatives_per_prompt * len(config.prompts))
-            embed = lambda texts: pipe.encode_prompt(texts, device, 1, False)[0]  # noqa: E731
-            ref_cond = embed([config.reference_prompt])
-            prompt_cond = embed(config.prompts)
-            class_cond = embed([f"a {config.class_name}"])
-        prompt_index = torch.tensor([config.prompts.index(p) for p in neg_prompts])
+        data = preference_data(pipe, config, LambdaHarmonic(encoder, config.lambda_train, references.to(on)),
+                               references)
 
         frozen_unet = copy.deepcopy(pipe.unet).requires_grad_(False).eval() if config.lora_rank == 0 else None
         trainable = Trainable(pipe.unet, config, adapter)
@@ -380,41 +448,17 @@ def train_rpo(pipe, encoder: RewardModel, references: torch.Tensor, config: RPOC
         selection = Selection(trainable, keep_in)
 
         def step(iteration: int, gen: torch.Generator) -> dict:
-            # the whole batch's pairs, labels, noise and timesteps are drawn on every process; each keeps its share
-            total = config.batch_size
-            i_ref = torch.randint(len(references), (total,), generator=gen)
-            i_neg = torch.randint(len(neg_images), (total,), generator=gen)
-            labels = preference_labels(r_ref[i_ref, prompt_index[i_neg]], r_gen[i_neg], config.tau, gen)[part]
-            noise, t = pair_noise(ref_latents[i_ref], scheduler, gen)
-            i_ref, i_neg, noise, t = i_ref[part], i_neg[part], noise[part], t[part]
-            b = len(i_ref)
-            cond = torch.cat([ref_cond.expand(b, -1, -1), prompt_cond[prompt_index[i_neg]]])
-            refs, gens = ref_latents[i_ref], neg_latents[i_neg].to(ref_latents)
+            pairs = draw_pairs(data, config, scheduler, gen, part)
             unet.train()
             with accelerator.autocast():
-                loss_theta = pair_losses(unet, scheduler, refs, gens, cond, noise, t)
-                l_sim = loss_theta[:b].mean()
-                l_pref, beta_delta = torch.zeros(()), torch.zeros(())
-                if config.preference:
-                    with torch.no_grad(), frozen_model(pipe, others, adapter, frozen_unet) as ref_unet:
-                        loss_ref = pair_losses(ref_unet, scheduler, refs, gens, cond, noise, t)
-                    delta = (loss_ref[:b] - loss_theta[:b]) - (loss_ref[b:] - loss_theta[b:])
-                    l_pref = preference_loss(delta, labels.to(delta), config.beta)
-                    beta_delta = (config.beta * delta).detach().abs().mean()
-                l_prior = torch.zeros(())
-                if prior_latents is not None:
-                    j = torch.randint(len(prior_latents), (total,), generator=gen)[part]
-                    l_prior = config.prior_weight * diffusion_losses(
-                        unet, scheduler, prior_latents[j].to(ref_latents), class_cond.expand(b, -1, -1), noise,
-                        t).mean()
-                loss = l_sim + l_pref + l_prior
-            optimizer_step(accelerator, trainable, optimizer, loss, 1.0)
+                losses = rpo_loss(unet, lambda: frozen_model(pipe, others, adapter, frozen_unet), scheduler, pairs,
+                                  data, config)
+            optimizer_step(accelerator, trainable, optimizer, losses["loss"], 1.0)
             if (iteration + 1) % config.validate_every == 0 or iteration + 1 == config.iterations:
                 unet.eval()
                 selection.update(iteration + 1, validate(pipe, config, val_reward, config.seed * 100_003 + 50_000))
-            return {"iteration": iteration + 1, "loss": float(loss.detach()), "l_sim": float(l_sim.detach()),
-                    "l_pref": float(l_pref.detach()), "beta_delta": float(beta_delta),
-                    "labels": float(labels.mean())}
+            return {"iteration": iteration + 1, **{k: float(v.detach()) for k, v in losses.items()},
+                    "labels": float(pairs["labels"].mean())}
 
         def report(info: dict) -> None:
             if callback is not None:
@@ -429,14 +473,7 @@ def train_rpo(pipe, encoder: RewardModel, references: torch.Tensor, config: RPOC
             pipe.unet.disable_gradient_checkpointing()
         if config.select_best and best["iteration"] > 0:
             trainable.load_state_dict(best["weights"])   # keep the best validated weights, as RPO's selection does
-        steps = [h["iteration"] for h in history]
-        curve = save_curve(os.path.join(out_dir, "curve.png"),
-                           {f"λ_val={config.lambda_val} validation": ([v["iteration"] for v in validations],
-                                                                      [v["score"] for v in validations])},
-                           {"L_sim": (steps, [h["l_sim"] for h in history]),
-                            "L_pref": (steps, [h["l_pref"] for h in history]),
-                            "mean |βΔ|": (steps, [h.get("beta_delta", 0.0) for h in history])},
-                           top_label="validation reward", write=accelerator.is_main_process)
+        curve = save_rpo_curve(out_dir, history, validations, config, accelerator.is_main_process)
         metadata = {"rpo_config": json.dumps(dataclasses.asdict(config), default=str),
                     "rpo_iteration": str(best["iteration"] if config.select_best else len(history))}
         result_path = save_trained(pipe, trainable, accelerator, out_dir, lora_path, adapter, cancelled, metadata)
