@@ -435,6 +435,28 @@ def run_iterations(config, trainable: Trainable, optimizer, accelerator, out_dir
         bar.close()
 
 
+def check_inputs(pipe, reward: Optional[RewardModel], config: R0Config) -> None:
+    """Everything about the inputs that can be refused before any work."""
+    require_sd(pipe, "R0 training")
+    if reward is None and not config.cfg_reward_weight:
+        raise ValueError("reward is None and cfg_reward_weight is 0: nothing to maximise; pass a reward "
+                         "(load_reward, or a WeightedReward of several) or a cfg_reward_weight > 0")
+    if any(p.is_inference() for p in pipe.unet.parameters()):
+        raise ValueError("the pipeline's weights were made in torch.inference_mode(), so they cannot be trained; "
+                         "load it outside inference mode (load_pipeline and the R0 Load Pipeline node do)")
+    memory.images_per_chunk(pipe, config.batch_size, config.height, config.width, cfg=config.guidance != 1,
+                            training=True, what="R0 training")
+
+
+def save_r0_curve(out_dir: str, history: list[dict], names: list[str], write: bool) -> str:
+    steps = [h["iteration"] for h in history]
+    rewards = {names[j]: (steps, [h["rewards"][j] for h in history])
+               for j in range(len(history[0]["rewards"]) if history else 0)}
+    return save_curve(os.path.join(out_dir, "curve.png"), rewards,
+                      {"loss": (steps, [h["loss"] for h in history]),
+                       "reg_weight·‖θ−θ0‖²": (steps, [h["reg"] for h in history])}, write=write)
+
+
 def train_r0(pipe, reward: Optional[RewardModel], config: R0Config, out_dir: str, lora_path: Optional[str] = None,
              callback: Optional[Callable[[dict], None]] = None, accelerator=None, adapter: str = "r0",
              overwrite: bool = False) -> TrainResult:
@@ -444,21 +466,13 @@ def train_r0(pipe, reward: Optional[RewardModel], config: R0Config, out_dir: str
     saves its state (so calling again resumes it) and a partial LoRA beside lora_path.
     A run resumes only with the same settings, base UNet and rewards (OtherRun otherwise), and never replaces a
     LoRA file it did not make unless overwrite=True (FileExistsError)."""
-    require_sd(pipe, "R0 training")
+    check_inputs(pipe, reward, config)
     accelerator = accelerator or make_accelerator(config.mixed_precision, pipe.unet.device)
     lora_path = lora_path or os.path.join(out_dir, "r0_lora.safetensors")
     check_target(lora_path, out_dir, overwrite)
-    if reward is None and not config.cfg_reward_weight:
-        raise ValueError("reward is None and cfg_reward_weight is 0: nothing to maximise; pass a reward "
-                         "(load_reward, or a WeightedReward of several) or a cfg_reward_weight > 0")
     normalize = config.normalize_gradients
     if normalize is None:
         normalize = getattr(reward, "normalize_gradients", True)
-    if any(p.is_inference() for p in pipe.unet.parameters()):
-        raise ValueError("the pipeline's weights were made in torch.inference_mode(), so they cannot be trained; "
-                         "load it outside inference mode (load_pipeline and the R0 Load Pipeline node do)")
-    memory.images_per_chunk(pipe, config.batch_size, config.height, config.width, cfg=config.guidance != 1,
-                            training=True, what="R0 training")
     os.makedirs(out_dir, exist_ok=True)
     with torch.inference_mode(False), torch.enable_grad():  # ComfyUI runs nodes in inference mode
         pipe.vae.requires_grad_(False)
@@ -515,14 +529,7 @@ def train_r0(pipe, reward: Optional[RewardModel], config: R0Config, out_dir: str
         accelerator.unwrap_model(unet)
         if ema is not None:
             ema.copy_to(trainable.params)  # what is saved and left in the pipeline: the averaged weights
-        steps = [h["iteration"] for h in history]
-        names = reward_names(reward, cfg)
-        rewards = {names[j]: (steps, [h["rewards"][j] for h in history])
-                   for j in range(len(history[0]["rewards"]) if history else 0)}
-        curve = save_curve(os.path.join(out_dir, "curve.png"), rewards,
-                           {"loss": (steps, [h["loss"] for h in history]),
-                            "reg_weight·‖θ−θ0‖²": (steps, [h["reg"] for h in history])},
-                           write=accelerator.is_main_process)
+        curve = save_r0_curve(out_dir, history, reward_names(reward, cfg), accelerator.is_main_process)
         metadata = {"r0_config": json.dumps({k: v for k, v in dataclasses.asdict(config).items()
                                              if k != "prompts"}, default=str),
                     "r0_iterations": str(len(history))}
