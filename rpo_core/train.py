@@ -83,7 +83,7 @@ class RPOConfig:
     lora_rank: int = 8                    # 0 trains the full UNet
     lora_targets: str = "all"             # "attention" or "all" (see r0_core.lora)
     preference: bool = True               # False: DreamBooth (L_sim only)
-    beta: float = 2.0                     # scale of Δ inside the logistic loss (see the README: Δ's size varies)
+    beta: float = 0.5                     # scale of Δ in the logistic loss (README: chosen by benchmarks/rpo_beta.py)
     tau: float = 1.0                      # label temperature on the reward gap (1: the official rule)
     lambda_train: float = 0.0             # λ of the labels' λ-Harmonic reward (the paper: 0, text only)
     lambda_val: float = 0.5               # λ of the validation reward
