@@ -5,8 +5,9 @@ under 1 (the logistic loss is then near ln 2 and its gradient near its largest);
 saturates and the term either stops acting or, on a falling L_sim's way, dominates. The test prompts are never
 sampled here, so β can be chosen from these figures.
 
-The rule (written while the sweep ran, after two of its eight runs had finished): among the β whose 90th percentile of mean |βΔ| stays under
-REGULARISING on every subject, the one with the highest best validation score averaged over the subjects.
+The rule (written while the sweep ran, after three of its eight runs, ring_circle at β 0.5, 1 and 2, had been
+read): among the β whose 90th percentile of mean |βΔ| stays under REGULARISING on every subject, the one with
+the highest best validation score averaged over the subjects.
 
 Subjects: --subjects of r0_core/tiny/subjects.py (default: the first two); training seed 0; the mini DreamBench's
 steps, learning rate and rank. Runs are resumable folders under --out. Writes benchmarks/results/rpo_beta.json/.md.
