@@ -18,10 +18,10 @@ def is_sdxl(pipe) -> bool:
 
 
 def require_sd(pipe, what: str) -> None:
-    """Refuse an SDXL pipeline where only SD 1.x/2.x is wired (training and refinement, for now)."""
+    """Refuse an SDXL pipeline where only SD 1.x/2.x is wired (LCM distillation, for now)."""
     if is_sdxl(pipe):
-        raise NotImplementedError(f"{what} of SDXL pipelines is not supported yet (few-step generation is); use an "
-                                  f"SD 1.x/2.x pipeline or the tiny model")
+        raise NotImplementedError(f"{what} of SDXL pipelines is not supported yet (few-step generation, R0, "
+                                  f"test-time R0 and RPO are); use an SD 1.x/2.x pipeline or the tiny model")
 
 
 def check_prompts(prompts) -> None:
@@ -30,13 +30,10 @@ def check_prompts(prompts) -> None:
 
 
 def encode_prompts(pipe, prompts: list[str], guidance: float, with_uncond: bool = False):
-    """(cond, uncond) text embeddings of an SD 1.x/2.x pipeline; uncond is None when guidance is off, unless
-    with_uncond (the implicit CFG reward needs it without guidance)."""
-    require_sd(pipe, "R0 training, test-time refinement and LCM distillation")
-    check_prompts(prompts)
-    wanted = guidance != 1.0 or with_uncond
-    cond, uncond = pipe.encode_prompt(prompts, pipe.unet.device, 1, wanted, negative_prompt=None)[:2]
-    return cond, (uncond if wanted else None)
+    """(cond, uncond) text embeddings of an SD 1.x/2.x pipeline: `conditioning` without the rest."""
+    require_sd(pipe, "encode_prompts (use conditioning)")
+    c = conditioning(pipe, prompts, guidance, with_uncond=with_uncond)
+    return c["cond"], c["uncond"]
 
 
 def sdxl_time_ids(pipe, pooled: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -51,25 +48,60 @@ def sdxl_time_ids(pipe, pooled: torch.Tensor, height: int, width: int) -> torch.
     return ids.repeat(len(pooled), 1)
 
 
-def sampling_conditioning(pipe, prompts: list[str], guidance: float, height: Optional[int] = None,
-                          width: Optional[int] = None) -> dict:
-    """The denoiser's keyword arguments for these prompts, for either family: cond/uncond, and for SDXL the
-    added conditioning (pooled text embedding and time ids) of each."""
-    if not is_sdxl(pipe):
-        cond, uncond = encode_prompts(pipe, prompts, guidance)
-        return {"cond": cond, "uncond": uncond}
+def conditioning(pipe, prompts: list[str], guidance: float, height: Optional[int] = None,
+                 width: Optional[int] = None, with_uncond: bool = False) -> dict:
+    """The denoiser's keyword arguments for these prompts, for either family: `cond` and `uncond` (None when
+    guidance is off, unless with_uncond: the implicit CFG reward needs it without guidance), and for SDXL the
+    added conditioning of each (`added_cond`, `uncond_added_cond`: pooled text embedding and time ids)."""
     check_prompts(prompts)
-    wanted = guidance != 1.0
+    wanted = guidance != 1.0 or with_uncond
+    device = pipe.unet.device
+    if not is_sdxl(pipe):
+        cond, uncond = pipe.encode_prompt(prompts, device, 1, wanted, negative_prompt=None)[:2]
+        return {"cond": cond, "uncond": uncond if wanted else None}
     cond, uncond, pooled, uncond_pooled = pipe.encode_prompt(
-        prompts, device=pipe.unet.device, num_images_per_prompt=1, do_classifier_free_guidance=wanted)
+        prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=wanted)
     _, _, h, w = latent_shape(pipe, len(prompts), height, width)
     size = (h * pipe.vae_scale_factor, w * pipe.vae_scale_factor)
-    added = {"text_embeds": pooled, "time_ids": sdxl_time_ids(pipe, pooled, *size)}
-    extra = {"cond": cond, "uncond": None, "added_cond": added}
+    extra = {"cond": cond, "uncond": None,
+             "added_cond": {"text_embeds": pooled, "time_ids": sdxl_time_ids(pipe, pooled, *size)}}
     if wanted:
         extra.update(uncond=uncond, uncond_added_cond={"text_embeds": uncond_pooled,
                                                        "time_ids": sdxl_time_ids(pipe, uncond_pooled, *size)})
     return extra
+
+
+def conditional(c: dict) -> dict:
+    """The conditional half of a conditioning: what a denoiser needs to predict without guidance."""
+    return {"cond": c["cond"], **({"added_cond": c["added_cond"]} if c.get("added_cond") is not None else {})}
+
+
+def unconditional(c: dict) -> dict:
+    """The unconditional half, in the conditional half's keys."""
+    return {"cond": c["uncond"],
+            **({"added_cond": c["uncond_added_cond"]} if c.get("uncond_added_cond") is not None else {})}
+
+
+def take(c: dict, rows) -> dict:
+    """Rows of every tensor of a conditioning (a slice, an index tensor, or a count to repeat row 0 over)."""
+    def pick(v):
+        if v is None:
+            return None
+        if isinstance(v, dict):
+            return {k: pick(x) for k, x in v.items()}
+        return v[:1].expand(rows, *v.shape[1:]) if isinstance(rows, int) else v[rows]
+    return {k: pick(v) for k, v in c.items()}
+
+
+def join(*cs: dict) -> dict:
+    """Conditionings with the same keys, one after another along the batch."""
+    def cat(vs):
+        if vs[0] is None:
+            return None
+        if isinstance(vs[0], dict):
+            return {k: cat([v[k] for v in vs]) for k in vs[0]}
+        return torch.cat(vs)
+    return {k: cat([c[k] for c in cs]) for k in cs[0]}
 
 
 def decode(pipe, latents: torch.Tensor) -> torch.Tensor:
@@ -109,7 +141,7 @@ def sample_latents(pipe, cond: torch.Tensor, uncond: Optional[torch.Tensor], *, 
                    disable: bool = True, added_cond: Optional[dict] = None,
                    uncond_added_cond: Optional[dict] = None) -> torch.Tensor:
     """The R0 sampler on encoded prompts: scaled latents (as the UNet sees them), one image per row of cond.
-    added_cond / uncond_added_cond: SDXL's pooled embeddings and time ids (sampling_conditioning gives them)."""
+    added_cond / uncond_added_cond: SDXL's pooled embeddings and time ids (`conditioning` gives them)."""
     seeds = list(range(len(cond))) if seeds is None else list(seeds)
     checks.number("guidance", guidance)
     model = DiffusersDenoiser.from_pipeline(pipe)
@@ -144,8 +176,8 @@ def generate(pipe, prompts: list[str], *, steps: int = 4, eta: float = 0.0, guid
     chunk = memory.images_per_chunk(pipe, len(prompts), height, width, cfg=guidance != 1.0)
     images, latents = [], []
     for start in range(0, len(prompts), chunk):
-        conditioning = sampling_conditioning(pipe, prompts[start:start + chunk], guidance, height, width)
-        part = sample_latents(pipe, **conditioning, steps=steps, eta=eta, guidance=guidance,
+        c = conditioning(pipe, prompts[start:start + chunk], guidance, height, width)
+        part = sample_latents(pipe, **c, steps=steps, eta=eta, guidance=guidance,
                               seeds=seeds[start:start + chunk], timesteps=timesteps, height=height, width=width,
                               callback=callback, disable=disable)
         images.append(decode(pipe, part))

@@ -28,9 +28,12 @@ Targets (`targets=` of add_lora; peft matches each as a suffix of module paths):
   blocks; sd-scripts' LoRA leaves the first three out and adds the samplers only in its conv mode. ALL follows
   that common practice; pass targets=ALL + EXTRA to adapt them too.
 - Every name in SUPPORTED_TARGETS (ALL + EXTRA) was checked under its kohya name in both programs: diffusers
-  (tests/test_lora.py: identical images after save -> load_lora on the tiny UNet) and ComfyUI 0.3.64 (SD 1.5 UNet:
-  every key mapped by LoraLoader, no "lora key not loaded", patched weight = W + alpha/r·up·down). Other names
-  are refused by add_lora: a file holding them is not known to load in both. Norm layers take no LoRA (no matrix).
+  (tests/test_lora.py: identical images after save -> load_lora on the tiny UNet; tests/test_sdxl.py: an SDXL
+  UNet's file through StableDiffusionXLPipeline.load_lora_weights) and ComfyUI 0.3.64 (scripts/comfy_lora_keys.py,
+  SD 1.5 and SDXL UNets: every key mapped by LoraLoader, no "lora key not loaded", patched weight = W +
+  alpha/r·up·down). The same kohya names serve SDXL: ComfyUI maps `lora_unet_<diffusers path>` for every UNet
+  family. Other names are refused by add_lora: a file holding them is not known to load in both. Norm layers take
+  no LoRA (no matrix).
 
 Adapter state (applies to every function below): peft keeps a list of active adapters per layer and a scale
 (weight · alpha / r) per adapter. `add_lora` and `load_lora` leave a well-defined active set, and `use_loras`

@@ -25,7 +25,7 @@ import torch
 
 from . import checks, memory
 from .denoisers import DiffusersDenoiser
-from .generate import checkpointed, decode, encode_prompts, latent_shape, require_sd, start_latents
+from .generate import checkpointed, conditioning, decode, latent_shape, start_latents
 from .rewards.base import RewardModel
 from .rewards.composite import WeightedReward
 from .rewards.implicit_cfg import ImplicitCFG
@@ -86,7 +86,6 @@ def refine_noise(pipe, reward: RewardModel, prompt: str | Sequence[str], *, iter
         `cancelled=True` (any other exception propagates).
     Works inside torch.inference_mode() (as ComfyUI runs nodes); the pipeline's weights are never changed.
     """
-    require_sd(pipe, "test-time refinement")
     prompts = _check(pipe, reward, prompt, iterations, lr, batch_size, reg_weight, grad_clip, guidance)
     memory.images_per_chunk(pipe, batch_size, height, width, cfg=guidance != 1, training=True,
                             what="test-time refinement")
@@ -176,12 +175,13 @@ def _generator(pipe, prompts, *, seed, steps, eta, guidance, height, width, cfg)
     is drawn afresh from the same seeds at every call, so it stays fixed across iterations and only ε moves.
     guided(latents, it) -> the implicit CFG reward's surrogate for those latents (None without `cfg`)."""
     with torch.no_grad():
-        cond, uncond = encode_prompts(pipe, prompts, guidance, with_uncond=cfg is not None)
+        c = conditioning(pipe, prompts, guidance, height, width, with_uncond=cfg is not None)
+    cond = c["cond"]
     shape = latent_shape(pipe, len(prompts), height, width)
     seeds = [seed + i for i in range(len(prompts))]
     model = checkpointed(DiffusersDenoiser.from_pipeline(pipe))
     sigmas = scheduler_sigmas(pipe.scheduler, steps).to(cond.device)
-    extra = {"cond": cond, "uncond": uncond, "guidance": guidance}
+    extra = {**c, "guidance": guidance}
     noise = seeded_noise(shape, seeds, cond.device, torch.float32).requires_grad_(True)
 
     def render(noise):
@@ -192,7 +192,7 @@ def _generator(pipe, prompts, *, seed, steps, eta, guidance, height, width, cfg)
 
     def guided(latents, it, normalize):
         gen = torch.Generator("cpu").manual_seed(seed * 1_000_003 + it)
-        direction = cfg.direction(model, latents, cond, uncond, pipe.scheduler.alphas_cumprod, gen)
+        direction = cfg.direction(model, latents, c, pipe.scheduler.alphas_cumprod, gen)
         return cfg.surrogate(direction, latents, normalize)
     return render, noise, (guided if cfg is not None else None)
 

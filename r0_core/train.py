@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from . import checks, cli, lora, memory
 from .denoisers import DiffusersDenoiser
 from .files import atomic_save, atomic_write
-from .generate import checkpointed, decode, encode_prompts, latent_shape, require_sd, start_latents
+from .generate import checkpointed, conditioning, decode, latent_shape, start_latents
 from .rewards import RewardModel, WeightedReward
 from .rewards.implicit_cfg import ImplicitCFG
 from .sampler import Cancelled, sample_r0
@@ -162,10 +162,10 @@ def share(accelerator, batch_size: int) -> slice:
     return slice(index * rows, (index + 1) * rows)
 
 
-def generator_latents(model, config: R0Config, cond, uncond, shape, sigmas, gen: torch.Generator,
+def generator_latents(model, config: R0Config, c: dict, shape, sigmas, gen: torch.Generator,
                       part: slice = slice(None)) -> torch.Tensor:
     """Clean latents from the K-step generator, differentiable w.r.t. the trainable weights: the `part` rows of
-    a global batch of `shape` (its noise and η drawn for all of it)."""
+    a global batch of `shape` (its noise and η drawn for all of it), conditioned on `c` (generate.conditioning)."""
     lo, hi = config.eta_range
     etas = lo + (hi - lo) * torch.rand(config.steps, *(shape[:1] if config.eta_per_image else ()), generator=gen)
     etas = etas[:, part] if config.eta_per_image else etas
@@ -173,9 +173,10 @@ def generator_latents(model, config: R0Config, cond, uncond, shape, sigmas, gen:
         weights = config.plus_step_weights
         k = int(torch.multinomial(torch.tensor(weights, dtype=torch.float), 1, generator=gen) if weights
                 else torch.randint(config.steps, (1,), generator=gen))
-    x = start_latents(torch.randn(shape, generator=gen)[part].to(cond), sigmas)
-    noise = lambda sigma, sigma_next: torch.randn(shape, generator=gen)[part].to(cond)  # noqa: E731
-    extra = {"cond": cond, "uncond": uncond, "guidance": config.guidance}
+    like = c["cond"]
+    x = start_latents(torch.randn(shape, generator=gen)[part].to(like), sigmas)
+    noise = lambda sigma, sigma_next: torch.randn(shape, generator=gen)[part].to(like)  # noqa: E731
+    extra = {**c, "guidance": config.guidance}
     if config.mode == "r0":
         return sample_r0(model, x, sigmas, extra, eta=etas, noise_sampler=noise, disable=True)
     if k > 0:  # R0+: the path to step k carries no gradient
@@ -233,6 +234,12 @@ def reward_names(reward: Optional[RewardModel], cfg: Optional[ImplicitCFG]) -> l
     """Names of the scores a trainer logs, in order: each reward's, then the implicit CFG reward's gap."""
     scorers = [] if reward is None else reward.scorers if isinstance(reward, WeightedReward) else [reward]
     return [type(s).__name__ for s in scorers] + (["implicit CFG gap (RMS)"] if cfg is not None else [])
+
+
+def text_encoders(pipe) -> list:
+    """The pipeline's text encoders (SDXL has two), which every trainer keeps frozen."""
+    return [m for m in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None))
+            if m is not None]
 
 
 class Trainable:
@@ -437,7 +444,6 @@ def run_iterations(config, trainable: Trainable, optimizer, accelerator, out_dir
 
 def check_inputs(pipe, reward: Optional[RewardModel], config: R0Config) -> None:
     """Everything about the inputs that can be refused before any work."""
-    require_sd(pipe, "R0 training")
     if reward is None and not config.cfg_reward_weight:
         raise ValueError("reward is None and cfg_reward_weight is 0: nothing to maximise; pass a reward "
                          "(load_reward, or a WeightedReward of several) or a cfg_reward_weight > 0")
@@ -476,7 +482,8 @@ def train_r0(pipe, reward: Optional[RewardModel], config: R0Config, out_dir: str
     os.makedirs(out_dir, exist_ok=True)
     with torch.inference_mode(False), torch.enable_grad():  # ComfyUI runs nodes in inference mode
         pipe.vae.requires_grad_(False)
-        pipe.text_encoder.requires_grad_(False)
+        for encoder in text_encoders(pipe):
+            encoder.requires_grad_(False)
         # R0 trains on the base UNet alone (add_lora leaves only the new adapter active): say so if LoRAs were on
         others = [n for n, _ in lora.active_loras(pipe) if n != adapter]
         if others:
@@ -503,17 +510,16 @@ def train_r0(pipe, reward: Optional[RewardModel], config: R0Config, out_dir: str
             picks = torch.randint(len(config.prompts), (config.batch_size,), generator=gen).tolist()
             prompts = [config.prompts[i] for i in picks][part]
             with torch.no_grad():
-                cond, uncond = encode_prompts(pipe, prompts, config.guidance, with_uncond=cfg is not None)
+                c = conditioning(pipe, prompts, config.guidance, config.height, config.width,
+                                 with_uncond=cfg is not None)
             unet.train()
             with accelerator.autocast():
-                latents = generator_latents(model, config, cond, uncond if config.guidance != 1 else None,
-                                            shape, sigmas, gen, part)
+                latents = generator_latents(model, config, c, shape, sigmas, gen, part)
                 images = (checkpointed(decode) if config.gradient_checkpointing else decode)(pipe, latents)
                 direction = None
                 if cfg is not None:
                     with pretrained(trainable):
-                        direction = cfg.direction(base, latents, cond, uncond, alphas_cumprod, gen, part,
-                                                  config.batch_size)
+                        direction = cfg.direction(base, latents, c, alphas_cumprod, gen, part, config.batch_size)
                 loss, rewards = reward_loss(reward, images, prompts, normalize, cfg, latents, direction)
                 reg = config.reg_weight * trainable.delta_norm2()
             optimizer_step(accelerator, trainable, optimizer, loss + reg, config.grad_clip)

@@ -45,11 +45,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from r0_core import checks, cli, files, lora, memory
-from r0_core.generate import generate, require_sd
+from r0_core.generate import conditional, conditioning, generate, join, take
 from r0_core.rewards import LambdaHarmonic, RewardModel
 from r0_core.rewards.composite import lambda_harmonic
 from r0_core.train import (Trainable, check_target, make_accelerator, optimizer_step, run_fingerprint,
-                           run_iterations, save_curve, save_trained, share)
+                           run_iterations, save_curve, save_trained, share, text_encoders)
 
 from .dreambench import strip_token
 
@@ -231,14 +231,15 @@ def preference_labels(r_ref: torch.Tensor, r_gen: torch.Tensor, tau: float, gen:
     return torch.bernoulli(torch.sigmoid((r_ref - r_gen) / tau), generator=gen)
 
 
-def diffusion_losses(unet, scheduler, latents, cond, noise, timesteps) -> torch.Tensor:
-    """Per-image MSE of the UNet's prediction (ε or v, as the scheduler was trained) at the given noise and t."""
+def diffusion_losses(unet, scheduler, latents, c: dict, noise, timesteps) -> torch.Tensor:
+    """Per-image MSE of the UNet's prediction (ε or v, as the scheduler was trained) at the given noise and t,
+    conditioned on `c` (the conditional half of r0_core.generate.conditioning: SDXL's added conditioning too)."""
     noisy = scheduler.add_noise(latents, noise, timesteps)
     if scheduler.config.get("prediction_type", "epsilon") == "v_prediction":
         target = scheduler.get_velocity(latents, noise, timesteps)
     else:
         target = noise
-    prediction = unet(noisy, timesteps, encoder_hidden_states=cond).sample
+    prediction = unet(noisy, timesteps, encoder_hidden_states=c["cond"], added_cond_kwargs=c.get("added_cond")).sample
     return F.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(1)
 
 
@@ -250,9 +251,10 @@ def pair_noise(like: torch.Tensor, scheduler, gen: torch.Generator) -> tuple[tor
     return noise, t
 
 
-def pair_losses(unet, scheduler, ref_latents, gen_latents, cond, noise, t) -> torch.Tensor:
-    """ℓ for the references then the negatives ([2B]), each pair under the same noise and timestep."""
-    return diffusion_losses(unet, scheduler, torch.cat([ref_latents, gen_latents]), cond,
+def pair_losses(unet, scheduler, ref_latents, gen_latents, c: dict, noise, t) -> torch.Tensor:
+    """ℓ for the references then the negatives ([2B]), each pair under the same noise and timestep; `c` holds
+    the 2B rows of conditioning, the references' then the negatives'."""
+    return diffusion_losses(unet, scheduler, torch.cat([ref_latents, gen_latents]), c,
                             torch.cat([noise, noise]), torch.cat([t, t]))
 
 
@@ -302,7 +304,6 @@ def frozen_model(pipe, others: list, adapter: str, frozen_unet):
 
 def check_inputs(pipe, references: torch.Tensor, config: RPOConfig) -> None:
     """Everything about the inputs that can be refused before any work."""
-    require_sd(pipe, "RPO training")
     if references.ndim != 4 or references.shape[1] != 3 or len(references) < 1:
         raise ValueError(f"references have shape {tuple(references.shape)}; expected [N, 3, H, W] in 0..1 with "
                          f"N >= 1 (rpo_core.references.load_references makes that from image files)")
@@ -332,9 +333,9 @@ class PreferenceData:
     neg_prompt: torch.Tensor       # index into config.prompts, per negative
     r_ref: torch.Tensor            # [N_ref, N_prompts]: every reference against every prompt
     r_gen: torch.Tensor            # [N_neg]
-    ref_cond: torch.Tensor
-    prompt_cond: torch.Tensor
-    class_cond: torch.Tensor
+    ref_cond: dict                 # conditionings (r0_core.generate.conditional): the reference prompt's,
+    prompt_cond: dict              # each training prompt's,
+    class_cond: dict               # the class prompt's
     prior_latents: Optional[torch.Tensor]
 
 
@@ -350,7 +351,7 @@ def preference_data(pipe, config: RPOConfig, label_reward: LambdaHarmonic, refer
         if config.prior_weight > 0:
             _, prior_latents, _ = sample(pipe, [f"a {config.class_name}"], config, config.seed * 100_003 + 7919,
                                          config.negatives_per_prompt * len(config.prompts))
-        embed = lambda texts: pipe.encode_prompt(texts, pipe.unet.device, 1, False)[0]  # noqa: E731
+        embed = lambda texts: conditional(conditioning(pipe, texts, 1.0))  # noqa: E731
         return PreferenceData(vae_latents(pipe, references), neg_latents,
                               torch.tensor([config.prompts.index(p) for p in neg_prompts]), r_ref,
                               label_reward(neg_images.to(on), neg_prompts).cpu(), embed([config.reference_prompt]),
@@ -369,7 +370,7 @@ def draw_pairs(data: PreferenceData, config: RPOConfig, scheduler, gen: torch.Ge
     if data.prior_latents is not None:
         prior = data.prior_latents[torch.randint(len(data.prior_latents), (total,), generator=gen)[part]]
     i_ref, i_neg = i_ref[part], i_neg[part]
-    cond = torch.cat([data.ref_cond.expand(len(i_ref), -1, -1), data.prompt_cond[data.neg_prompt[i_neg]]])
+    cond = join(take(data.ref_cond, len(i_ref)), take(data.prompt_cond, data.neg_prompt[i_neg]))
     return {"refs": data.ref_latents[i_ref], "gens": data.neg_latents[i_neg].to(data.ref_latents),
             "labels": labels[part], "noise": noise[part], "t": t[part], "cond": cond, "prior": prior}
 
@@ -390,7 +391,7 @@ def rpo_loss(unet, frozen, scheduler, pairs: dict, data: PreferenceData, config:
         beta_delta = (config.beta * delta).detach().abs().mean()
     if pairs["prior"] is not None:
         l_prior = config.prior_weight * diffusion_losses(unet, scheduler, pairs["prior"].to(refs),
-                                                         data.class_cond.expand(b, -1, -1), noise, t).mean()
+                                                         take(data.class_cond, b), noise, t).mean()
     return {"loss": l_sim + l_pref + l_prior, "l_sim": l_sim, "l_pref": l_pref, "beta_delta": beta_delta}
 
 
@@ -423,7 +424,8 @@ def train_rpo(pipe, encoder: RewardModel, references: torch.Tensor, config: RPOC
 
     with torch.inference_mode(False), torch.enable_grad():
         pipe.vae.requires_grad_(False)
-        pipe.text_encoder.requires_grad_(False)
+        for text_encoder in text_encoders(pipe):
+            text_encoder.requires_grad_(False)
         references = references.float().to(pipe.unet.device)
         on = scorer_device(encoder)
         val_reward = LambdaHarmonic(encoder, config.lambda_val, references.to(on))

@@ -42,7 +42,8 @@ def test_implicit_cfg_direction_is_the_frozen_models_guidance_direction():
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     cfg = ImplicitCFG(weight=1.0, t_range=(0.5, 0.5))
     model = DiffusersDenoiser.from_pipeline(pipe)
-    d = cfg.direction(model, latents, cond, uncond, pipe.scheduler.alphas_cumprod, torch.Generator().manual_seed(1))
+    d = cfg.direction(model, latents, {"cond": cond, "uncond": uncond}, pipe.scheduler.alphas_cumprod,
+                      torch.Generator().manual_seed(1))
     # by hand: the same re-noising (t = 500 of 1000, noise drawn after the level), then x̂0(c) − x̂0(∅)
     gen = torch.Generator().manual_seed(1)
     sigma = cfg.sigmas(pipe.scheduler.alphas_cumprod, 2, gen)
@@ -51,7 +52,8 @@ def test_implicit_cfg_direction_is_the_frozen_models_guidance_direction():
         expected = model(x_t, sigma, cond=cond) - model(x_t, sigma, cond=uncond)
     assert torch.allclose(d, expected, atol=1e-5) and d.abs().mean() > 1e-3
     # with no prompt to tell apart there is no direction
-    same = cfg.direction(model, latents, uncond, uncond, pipe.scheduler.alphas_cumprod, torch.Generator())
+    same = cfg.direction(model, latents, {"cond": uncond, "uncond": uncond}, pipe.scheduler.alphas_cumprod,
+                         torch.Generator())
     assert same.abs().max() < 1e-5
 
 
@@ -163,7 +165,7 @@ def test_r0_plus_step_distribution_picks_the_step():
     for k in range(4):
         seen.clear()
         config = R0Config(prompts=PROMPTS, mode="r0+", plus_step_weights=tuple(float(i == k) for i in range(4)))
-        generator_latents(model, config, cond, None, (2, 4, 8, 8), sigmas, torch.Generator().manual_seed(k))
+        generator_latents(model, config, {"cond": cond}, (2, 4, 8, 8), sigmas, torch.Generator().manual_seed(k))
         assert seen == pytest.approx(sigmas[:k + 1].tolist())  # k steps without grad, then x̂0 at step k
 
 

@@ -61,7 +61,7 @@ def test_pairs_share_noise_and_timestep():
     gen = torch.Generator().manual_seed(1)
     latents = torch.randn(3, 4, 8, 8, generator=gen)
     noise, t = pair_noise(latents, pipe.scheduler, gen)
-    cond = pipe.encode_prompt(["a vum circle"] * 6, "cpu", 1, False)[0]
+    cond = {"cond": pipe.encode_prompt(["a vum circle"] * 6, "cpu", 1, False)[0]}
     with torch.no_grad():
         losses = pair_losses(pipe.unet, pipe.scheduler, latents, latents.clone(), cond, noise, t)
     # the same image and prompt in both halves of every pair: identical losses, so Δ = 0 (up to the last bits a

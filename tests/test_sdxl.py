@@ -1,13 +1,17 @@
-"""SDXL few-step generation (two text encoders, pooled embeddings, time ids) on a tiny random SDXL pipeline:
-the R0 sampler at η = 0 equals diffusers' own StableDiffusionXLPipeline with DDIM on the same timesteps."""
+"""SDXL (two text encoders, pooled embeddings, time ids) on a tiny random SDXL pipeline: the R0 sampler at η = 0
+equals diffusers' own StableDiffusionXLPipeline with DDIM on the same timesteps; R0, R0+, test-time R0 and RPO
+train on it, and R0's LoRA file loads in diffusers' SDXL pipeline."""
+import copy
+import dataclasses
+import math
 import os
 
 import pytest
 import torch
 
 from r0_core.denoisers import DiffusersDenoiser
-from r0_core.generate import generate, sampling_conditioning
-from r0_core.loading import TINY_PIPELINE_DIR
+from r0_core.generate import conditioning, generate
+from r0_core.loading import TINY, TINY_PIPELINE_DIR
 from r0_core.sampler import sample_r0
 from r0_core.schedule import scheduler_sigmas
 
@@ -50,7 +54,7 @@ def test_eta_0_is_diffusers_sdxl_with_ddim(pipe, guidance):
                   output_type="latent").images
     sigmas = scheduler_sigmas(pipe.scheduler, 4)
     with torch.no_grad():
-        extra = sampling_conditioning(pipe, PROMPTS, guidance, 64, 64)
+        extra = conditioning(pipe, PROMPTS, guidance, 64, 64)
         ours = sample_r0(DiffusersDenoiser.from_pipeline(pipe), z * (1 + sigmas[0] ** 2).sqrt(), sigmas,
                          {**extra, "guidance": guidance}, disable=True, eta=0.0)
     assert (ours - theirs).abs().max() <= 1e-4, (ours - theirs).abs().max()
@@ -66,9 +70,71 @@ def test_generate_runs_on_sdxl_at_any_size(pipe):
     assert bigger.shape == (1, 3, 48, 32)
 
 
-def test_sdxl_training_is_refused_by_name(pipe, tmp_path):
+@pytest.fixture(scope="module")
+def reward():
+    from r0_core.rewards import load_reward
+
+    return load_reward("clip", TINY)
+
+
+def test_r0_trains_on_sdxl_and_its_lora_loads_in_diffusers_and_ours(pipe, reward, tmp_path):
+    """R0 with the implicit CFG reward (both halves of SDXL's conditioning) and R0+, then the saved LoRA: read
+    by diffusers' own StableDiffusionXLPipeline.load_lora_weights and by load_lora, the trained images again."""
+    from r0_core import lora
     from r0_core.train import R0Config, train_r0
 
-    with pytest.raises(NotImplementedError, match="R0 training of SDXL pipelines is not supported yet"):
-        train_r0(pipe, None, R0Config(prompts=PROMPTS, iterations=1, cfg_reward_weight=1.0), str(tmp_path))
+    config = R0Config(prompts=PROMPTS, iterations=1, batch_size=2, steps=2, lora_rank=4, lr=1e-2,
+                      cfg_reward_weight=1.0, checkpoint_every=1)
+    trained = copy.deepcopy(pipe)
+    before, _ = generate(trained, PROMPTS, steps=2, seeds=[5, 6])
+    result = train_r0(trained, reward, config, str(tmp_path / "r0"))
+    assert len(result.history) == 1 and math.isfinite(result.history[0]["loss"])
+    assert len(result.history[0]["rewards"]) == 2          # the CLIP reward and the implicit CFG gap
+    after, _ = generate(trained, PROMPTS, steps=2, seeds=[5, 6])
+    assert (after - before).abs().max() > 1e-3             # the LoRA moved the images
+
+    theirs = copy.deepcopy(pipe)
+    theirs.load_lora_weights(result.lora_path, adapter_name="r0")
+    assert len(lora.active_loras(theirs)) == 1
+    again, _ = generate(theirs, PROMPTS, steps=2, seeds=[5, 6])
+    assert (again - after).abs().max() < 1e-4, (again - after).abs().max()
+    ours = copy.deepcopy(pipe)
+    lora.load_lora(ours, result.lora_path)
+    assert (generate(ours, PROMPTS, steps=2, seeds=[5, 6])[0] - after).abs().max() < 1e-4
+
+    plus = train_r0(copy.deepcopy(pipe), reward, dataclasses.replace(config, mode="r0+"),
+                    str(tmp_path / "r0plus"))
+    assert math.isfinite(plus.history[0]["loss"])
+
+
+def test_test_time_r0_refines_sdxl_noise(pipe):
+    from r0_core.rewards import load_reward
+    from r0_core.test_time import refine_noise
+
+    prompt = PROMPTS[1]
+    # the tiny aesthetic head: CLIP score is clipped at 0, where this random model's images sit
+    result = refine_noise(pipe, load_reward("aesthetic", TINY), prompt, iterations=2, steps=2, seed=7, cfg_reward_weight=1.0)
+    plain, _ = generate(pipe, [prompt], steps=2, seeds=[7])
+    assert (result.initial_images - plain).abs().max() < 1e-5     # iterate 0 is the plain sample
+    assert result.rewards.shape == (3, 1) and result.rewards[1:].max() > result.rewards[0]
+
+
+def test_rpo_trains_on_sdxl(pipe, reward, tmp_path):
+    """RPO's diffusion and preference losses with SDXL's added conditioning, on references at the model's size."""
+    from rpo_core.train import RPOConfig, train_rpo
+
+    references = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    config = RPOConfig(token="vum", class_name="circle", prompts=["a vum circle on the left"], iterations=2,
+                       batch_size=2, lora_rank=4, negatives_per_prompt=2, validate_every=1, validation_images=1,
+                       validation_prompts=["a vum circle below a red square"], sampler_steps=2)
+    result = train_rpo(copy.deepcopy(pipe), reward, references, config, str(tmp_path / "rpo"))
+    assert len(result.history) == 2 and all(math.isfinite(h["l_pref"]) and h["l_sim"] > 0 for h in result.history)
+    assert result.lora_path and os.path.exists(result.lora_path)
+
+
+def test_lcm_distillation_of_sdxl_is_refused_by_name(pipe, tmp_path):
+    from r0_core.lcm import LCMConfig, train_lcm
+
+    with pytest.raises(NotImplementedError, match="LCM distillation of SDXL pipelines is not supported yet"):
+        train_lcm(pipe, torch.rand(2, 3, 32, 32), PROMPTS, LCMConfig(iterations=1), str(tmp_path))
     assert not any(tmp_path.iterdir())

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..generate import conditional, join, unconditional
 from ..schedule import sigmas_from_alphas_cumprod
 
 
@@ -45,11 +46,11 @@ class ImplicitCFG:
         t = torch.randint(lo, hi + 1, (batch,), generator=gen)
         return table[t].float()
 
-    def direction(self, base, latents: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
-                  alphas_cumprod: torch.Tensor, gen: torch.Generator, part: slice = slice(None),
-                  total: int | None = None) -> torch.Tensor:
+    def direction(self, base, latents: torch.Tensor, conditioning: dict, alphas_cumprod: torch.Tensor,
+                  gen: torch.Generator, part: slice = slice(None), total: int | None = None) -> torch.Tensor:
         """The guidance direction x̂0(x_t, c) − x̂0(x_t, ∅) [B, C, h, w] of the frozen σ-denoiser `base` at a
-        random re-noising of `latents`; detached. `latents` may be the `part` rows of a batch of `total`, whose
+        random re-noising of `latents`; detached. `conditioning`: r0_core.generate.conditioning(...,
+        with_uncond=True) of the images' prompts. `latents` may be the `part` rows of a batch of `total`, whose
         re-noising is then drawn for the whole batch (as a trainer's processes share one)."""
         with torch.no_grad():
             x0 = latents.detach()
@@ -57,9 +58,10 @@ class ImplicitCFG:
             sigma = self.sigmas(alphas_cumprod, total, gen)[part].to(x0.device)
             noise = torch.randn((total, *x0.shape[1:]), generator=gen)[part].to(x0)
             x_t = x0 + sigma.view(-1, *[1] * (x0.ndim - 1)).to(x0.dtype) * noise
-            both = base(torch.cat([x_t, x_t]), torch.cat([sigma, sigma]), cond=torch.cat([cond, uncond]))
-            conditional, unconditional = both.float().chunk(2)
-        return conditional - unconditional
+            both = base(torch.cat([x_t, x_t]), torch.cat([sigma, sigma]),
+                        **join(conditional(conditioning), unconditional(conditioning)))
+            with_prompt, without = both.float().chunk(2)
+        return with_prompt - without
 
     def surrogate(self, direction: torch.Tensor, latents: torch.Tensor, normalize: bool) -> torch.Tensor:
         """−w Σ_b <d_b, x0_b> (d scaled to unit norm per image if normalize): its gradient on the latents is the
