@@ -22,7 +22,7 @@ Settings of the full mix (lr, implicit CFG weight, iterations) are chosen once, 
 (`--row select`: every candidate trained with seed 0, measured at 4 steps on validation captions x --val-seeds
 seeds, the best mean accuracy of the two kinds wins); every trained row then uses them, changed only where the
 row says. Report: the **test** half x --seeds seeds, trained rows with --train-seeds training seeds; each cell
-with its 95% interval, every trained row's accuracy as a paired difference to base-50-cfg, base-4-cfg and lcm
+with its 95% interval, every trained row's accuracy as a paired difference to base-50-cfg, base-4-cfg, base-4 and lcm
 (per training seed), and the rewards' scores, validity, diversity, NFE and training time.
 """
 from __future__ import annotations
@@ -67,7 +67,7 @@ ROWS = {
     "no-cfg-reward": ("r0", {"cfg_reward_weight": 0.0}),
     "r0-mix-2steps": ("r0", {"steps": 2}),
 }
-PAIRED_WITH = ("base-50-cfg", "base-4-cfg", "lcm")
+PAIRED_WITH = ("base-50-cfg", "base-4-cfg", "base-4", "lcm")   # base-4: the same 4 NFE, no reward training
 
 
 def nfe(steps: int, guidance: float) -> int:
