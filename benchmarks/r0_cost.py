@@ -73,7 +73,8 @@ class Peak:
 def floor_step(pipe, reward, config, cond, shape, sigmas, k: int):
     """The bare work of one step: UNet calls (the first k without grad), decode, reward, backward."""
     from r0_core.denoisers import DiffusersDenoiser
-    from r0_core.generate import checkpointed, decode
+    from r0_core.family import decode
+    from r0_core.generate import checkpointed
 
     model = checkpointed(DiffusersDenoiser.from_pipeline(pipe))
     x = torch.randn(shape)
@@ -88,7 +89,7 @@ def floor_step(pipe, reward, config, cond, shape, sigmas, k: int):
 
 def ratio(args) -> dict:
     from r0_core import lora
-    from r0_core.generate import encode_prompts, latent_shape
+    from r0_core.family import encode_prompts, latent_shape
     from r0_core.loading import TINY, load_pipeline
     from r0_core.rewards import load_reward
     from r0_core.schedule import scheduler_sigmas

@@ -17,7 +17,8 @@ import time
 
 import torch
 
-from r0_core.generate import decode, encode_prompts, sample_latents
+from r0_core.family import decode, encode_prompts
+from r0_core.generate import sample_latents
 from r0_core.loading import TINY, load_pipeline
 from r0_core.schedule import uniform_timesteps
 from r0_core.tiny.evaluate import eval_prompts

@@ -79,18 +79,20 @@ class FlowDenoiser(torch.nn.Module):
     def from_pipeline(cls, pipe) -> "FlowDenoiser":
         return cls(pipe.transformer, pipe.scheduler.config.num_train_timesteps)
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor, *, cond: torch.Tensor, pooled: torch.Tensor,
-                uncond: Optional[torch.Tensor] = None, uncond_pooled: Optional[torch.Tensor] = None,
-                guidance: float = 1.0) -> torch.Tensor:
-        """x̂0 for x at noise level sigma [B]; classifier-free guidance on the velocity (x̂0 is affine in it)."""
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, *, cond: torch.Tensor,
+                uncond: Optional[torch.Tensor] = None, guidance: float = 1.0,
+                added_cond: Optional[dict] = None, uncond_added_cond: Optional[dict] = None) -> torch.Tensor:
+        """x̂0 for x at noise level sigma [B]; added_cond: {"pooled_projections": the pooled text embeddings}.
+        Classifier-free guidance on the velocity (x̂0 is affine in it)."""
         guided = uncond is not None and guidance != 1.0
         if guided:
             x_in, sigma_in = torch.cat([x, x]), torch.cat([sigma, sigma])
-            context, pooled_in = torch.cat([uncond, cond]), torch.cat([uncond_pooled, pooled])
+            context = torch.cat([uncond, cond])
+            added = {k: torch.cat([uncond_added_cond[k], v]) for k, v in added_cond.items()}
         else:
-            x_in, sigma_in, context, pooled_in = x, sigma, cond, pooled
-        v = self.transformer(hidden_states=x_in, encoder_hidden_states=context, pooled_projections=pooled_in,
-                             timestep=sigma_in * self.num_train_timesteps).sample
+            x_in, sigma_in, context, added = x, sigma, cond, added_cond
+        v = self.transformer(hidden_states=x_in, encoder_hidden_states=context,
+                             timestep=sigma_in * self.num_train_timesteps, **added).sample
         if guided:
             uncond_v, cond_v = v.chunk(2)
             v = uncond_v + guidance * (cond_v - uncond_v)

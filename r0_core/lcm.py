@@ -29,7 +29,7 @@ import torch
 
 from . import checks
 from .denoisers import DiffusersDenoiser
-from .generate import encode_prompts, require_sd
+from .family import encode_prompts, require_sd
 from .schedule import sigmas_from_alphas_cumprod
 from .train import (Trainable, TrainResult, check_target, make_accelerator, optimizer_step, pretrained,
                     run_fingerprint, run_iterations, save_curve, save_trained, share)

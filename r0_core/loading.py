@@ -31,15 +31,15 @@ TINY = "tiny"  # the name that selects the built-in tiny world
 SUPPORTED_PIPELINES = {
     "StableDiffusionPipeline": "StableDiffusionPipeline",
     "StableDiffusionXLPipeline": "StableDiffusionXLPipeline",
+    "StableDiffusion3Pipeline": "StableDiffusion3Pipeline",
 }
-SUPPORTED_FAMILIES = "Stable Diffusion 1.x/2.x (text-to-image) or SDXL base"
+SUPPORTED_FAMILIES = "Stable Diffusion 1.x/2.x (text-to-image), SDXL base or SD3 (diffusers folders)"
 # families a user may bring that the pack does not take yet, by diffusers class name
 UNSUPPORTED_PIPELINES = {
     "StableDiffusionXLImg2ImgPipeline": "an SDXL refiner (or SDXL img2img) pipeline",
     "StableDiffusionInpaintPipeline": "an inpainting pipeline",
     "StableDiffusionXLInpaintPipeline": "an SDXL inpainting pipeline",
     "StableDiffusionImg2ImgPipeline": "an img2img pipeline",
-    "StableDiffusion3Pipeline": "an SD3 pipeline (rectified flow)",
     "FluxPipeline": "a Flux pipeline (rectified flow)",
 }
 
@@ -97,7 +97,14 @@ def _load_folder(folder: str, device, dtype):
 
     class_name = _check_folder(folder)
     pipeline_class = getattr(diffusers, SUPPORTED_PIPELINES[class_name])
-    kwargs = {"safety_checker": None, "requires_safety_checker": False} if "XL" not in class_name else {}
+    kwargs = {"safety_checker": None, "requires_safety_checker": False} if class_name == "StableDiffusionPipeline" \
+        else {}
+    if class_name == "StableDiffusion3Pipeline":
+        # parts the folder leaves out (SD3 without its T5 encoder, no IP-Adapter image encoder) are passed as None
+        with open(os.path.join(folder, "model_index.json")) as f:
+            index = json.load(f)
+        kwargs = {name: None for name in ("text_encoder_3", "tokenizer_3", "image_encoder", "feature_extractor")
+                  if index.get(name, [None])[0] is None}
     try:
         pipe = pipeline_class.from_pretrained(folder, local_files_only=True, dtype=dtype, **kwargs)
     except Exception as e:  # diffusers and transformers raise many types on damaged or refused files
@@ -194,7 +201,7 @@ def detect_architecture(shapes: dict[str, tuple[int, ...]], path: str = "<state 
                              f"{SUPPORTED_FAMILIES} single-file checkpoints, or their diffusers folders")
 
     if any(k.startswith(("model.diffusion_model.joint_blocks.", "joint_blocks.")) for k in shapes):
-        refuse("an SD3 (MMDiT, rectified flow) checkpoint")
+        refuse("an SD3 (MMDiT, rectified flow) single-file checkpoint (load SD3 from its diffusers folder)")
     if any(k.startswith(("model.diffusion_model.double_blocks.", "double_blocks.")) for k in shapes):
         refuse("a Flux (rectified flow) checkpoint")
     unet_in = shapes.get("model.diffusion_model.input_blocks.0.0.weight")
@@ -276,7 +283,7 @@ def _load_single_file(path: str, device, dtype, tokenizer_dir: Optional[str]):
 
 def load_pipeline(path: str = TINY, *, device=None, dtype=None, tokenizer_dir: Optional[str] = None,
                   prediction_type: Optional[str] = None):
-    """A diffusers Stable Diffusion (1.x/2.x) or SDXL pipeline from a local path, on `device` in `dtype`.
+    """A diffusers Stable Diffusion (1.x/2.x), SDXL or SD3 pipeline from a local path, on `device` in `dtype`.
 
     path: "tiny" for the built-in tiny world, a diffusers pipeline folder (with model_index.json), or a
     single-file checkpoint in the original layout (.safetensors, or .ckpt read with weights_only=True).

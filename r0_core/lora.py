@@ -1,4 +1,4 @@
-"""LoRA adapters on a diffusers `UNet2DConditionModel`: train one (peft, through diffusers' `unet.add_adapter`),
+"""LoRA adapters on a diffusers `UNet2DConditionModel` (or an SD3 transformer): train one (peft, through diffusers' `unet.add_adapter`),
 measure how far it moves the weights, export it as ONE kohya-format safetensors file that both diffusers'
 `pipe.load_lora_weights` and ComfyUI's LoraLoader read, load such files back as named adapters, and choose which
 adapters a cached pipeline applies.
@@ -9,6 +9,10 @@ with "." replaced by "_" (e.g. `down_blocks_1_attentions_0_transformer_blocks_0_
     lora_unet_<m>.lora_down.weight   A: [r, in] (Linear) or [r, in, kh, kw] (Conv2d)
     lora_unet_<m>.lora_up.weight     B: [out, r] or [out, r, 1, 1]
     lora_unet_<m>.alpha              0-dim float32; ΔW = alpha / r · B·A
+
+A flow transformer (SD3) is saved in diffusers' own layout instead (`lora_layout`), the one diffusers' SD3 loader
+reads (it converts no kohya keys) and ComfyUI maps too: `transformer.<path>.lora_A.weight` / `.lora_B.weight`,
+with the scale alpha / r folded into B, since neither reader takes an alpha there.
 
 Tensors are float32 by default (`save_lora(..., dtype=torch.float16)` halves the file): LoRA files are small (an
 SD 1.5 attention LoRA at rank 8 is 6.4 MB in fp32, ALL at rank 4 16 MB) and fp32 makes save -> load reproduce the
@@ -53,6 +57,7 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 
+from .family import backbone
 from .files import atomic_write
 from .loading import ModelLoadError
 
@@ -237,6 +242,36 @@ def _kohya_alpha(layer, name: str) -> float:
     return alpha * math.sqrt(rank) if layer.use_rslora.get(name, False) else alpha
 
 
+def lora_layout(model) -> str:
+    """The file layout both diffusers and ComfyUI read for this backbone: "kohya-unet" for a UNet;
+    "diffusers-transformer" for a flow transformer (SD3), whose diffusers loader reads no kohya keys."""
+    return "kohya-unet" if hasattr(model, "down_blocks") else "diffusers-transformer"
+
+
+def targets_for(model, which: str) -> tuple[str, ...]:
+    """"attention" or "all" on this backbone: ATTENTION, or a UNet's ALL and a flow transformer's attention and
+    feed-forward layers (it has no resnets or convolutions to adapt)."""
+    if which == "attention":
+        return ATTENTION
+    return ALL if lora_layout(model) == "kohya-unet" else ATTENTION + FEED_FORWARD
+
+
+def transformer_state_dict(model, name: str, *, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Adapter `name` of a flow transformer as diffusers-format tensors (CPU copies):
+    transformer.<path>.lora_A.weight / .lora_B.weight, with the layer's scale (alpha / r) folded into B, so that
+    both readers' default scale of 1 gives the trained ΔW."""
+    out: dict[str, torch.Tensor] = {}
+    for path, layer in _require_adapter(model, name):
+        if name in getattr(layer, "lora_variant", {}) or layer.use_dora.get(name, False):
+            raise NotImplementedError(f"{path}: adapter {name!r} is a DoRA/variant adapter; only plain LoRA exports")
+        scale = _kohya_alpha(layer, name) / layer.r[name]
+        with torch.no_grad():
+            down, up = layer.lora_A[name].weight, layer.lora_B[name].weight
+            out[f"transformer.{path}.lora_A.weight"] = down.detach().to("cpu", dtype, copy=True).contiguous()
+            out[f"transformer.{path}.lora_B.weight"] = (up.detach().float() * scale).to("cpu", dtype).contiguous()
+    return out
+
+
 def kohya_state_dict(unet, name: str, *, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """Adapter `name` as kohya-format tensors (CPU copies): lora_unet_<path>.lora_down.weight / .lora_up.weight
     in `dtype`, and .alpha as a float32 scalar, for every adapted layer."""
@@ -261,8 +296,9 @@ def kohya_state_dict(unet, name: str, *, dtype: torch.dtype = torch.float32) -> 
 
 def _metadata(unet, name: str, dtype: torch.dtype, tensors: dict, extra: Optional[dict]) -> dict[str, str]:
     config = unet.peft_config[name]
-    ranks = {int(t.shape[0]) for k, t in tensors.items() if k.endswith(".lora_down.weight")}
-    alphas = {float(t) for k, t in tensors.items() if k.endswith(".alpha")}
+    layout = lora_layout(unet)
+    ranks = {int(t.shape[0]) for k, t in tensors.items() if k.endswith((".lora_down.weight", ".lora_A.weight"))}
+    alphas = {float(t) for k, t in tensors.items() if k.endswith(".alpha")} if layout == "kohya-unet" else set(ranks)
     rank = ranks.pop() if len(ranks) == 1 else int(config.r)
     alpha = alphas.pop() if len(alphas) == 1 else float(config.lora_alpha)
     targets = sorted(config.target_modules) if not isinstance(config.target_modules, str) else [config.target_modules]
@@ -271,11 +307,11 @@ def _metadata(unet, name: str, dtype: torch.dtype, tensors: dict, extra: Optiona
         "ss_network_module": "networks.lora",  # sd-scripts' keys: shown by LoRA managers
         "ss_network_dim": str(rank),
         "ss_network_alpha": f"{alpha:g}",
-        "r0_lora_format": "kohya-unet",
+        "r0_lora_format": layout,
         "r0_lora_rank": str(rank),
         "r0_lora_alpha": f"{alpha:g}",
         "r0_lora_targets": json.dumps(targets),
-        "r0_lora_modules": str(sum(k.endswith(".alpha") for k in tensors)),
+        "r0_lora_modules": str(sum(k.endswith((".alpha", ".lora_A.weight")) for k in tensors)),
         "r0_lora_dtype": str(dtype).removeprefix("torch."),
     }
     for key, value in (extra or {}).items():
@@ -289,8 +325,9 @@ def _metadata(unet, name: str, dtype: torch.dtype, tensors: dict, extra: Optiona
 
 def save_lora(unet, path: str | os.PathLike, name: str, metadata: Optional[dict] = None, *,
               dtype: torch.dtype = torch.float32) -> str:
-    """Write adapter `name` as one kohya-format .safetensors file (atomically: temp file in the same folder, then
-    os.replace), loadable by ComfyUI's LoraLoader and by diffusers' `load_lora_weights` / `load_lora`.
+    """Write adapter `name` as one .safetensors file (atomically: temp file in the same folder, then os.replace),
+    loadable by ComfyUI's LoraLoader and by diffusers' `load_lora_weights` / `load_lora`: kohya format for a
+    UNet, diffusers format for a flow transformer (lora_layout).
 
     metadata: extra safetensors metadata; non-string values are stored as JSON. The file also records rank,
     alpha, targets, module count and dtype (r0_lora_*, and sd-scripts' ss_network_* keys). No timestamp: the
@@ -305,7 +342,8 @@ def save_lora(unet, path: str | os.PathLike, name: str, metadata: Optional[dict]
         raise ValueError(f"LoRA path {path!r}: expected a file name ending in .safetensors")
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"dtype={dtype}; expected torch.float32, torch.float16 or torch.bfloat16")
-    tensors = kohya_state_dict(unet, name, dtype=dtype)
+    export = kohya_state_dict if lora_layout(unet) == "kohya-unet" else transformer_state_dict
+    tensors = export(unet, name, dtype=dtype)
     meta = _metadata(unet, name, dtype, tensors, metadata)
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
@@ -317,8 +355,9 @@ _LORA_WEIGHT = re.compile(r"(lora_down|lora_up|lora_A|lora_B|lora\.down|lora\.up
 
 
 def _components(pipe):
-    """The pipeline's models that can hold LoRA layers (unet, text encoders), or [model] for a bare model."""
-    if not hasattr(pipe, "unet"):
+    """The pipeline's models that can hold LoRA layers (unet or transformer, text encoders), or [model] for a
+    bare model."""
+    if not hasattr(pipe, "unet") and not hasattr(pipe, "transformer"):
         return [pipe]
     names = getattr(pipe, "_lora_loadable_modules", ["unet", "text_encoder"])
     return [m for m in (getattr(pipe, n, None) for n in names) if m is not None]
@@ -397,17 +436,19 @@ def _check_lora_file(pipe, path: str) -> None:
                         f"(first keys: {', '.join(sorted(keys)[:3]) or 'none'}){hint}")
     try:
         # SDXL's load_lora_weights passes its UNet config (to rename sgm-layout kohya keys); SD 1.x/2.x's does not
-        extra = {"unet_config": pipe.unet.config} if hasattr(pipe, "text_encoder_2") else {}
-        state, _ = pipe.lora_state_dict(path, local_files_only=True, **extra)
+        extra = {"unet_config": pipe.unet.config} if hasattr(pipe, "text_encoder_2") and hasattr(pipe, "unet") else {}
+        state = pipe.lora_state_dict(path, local_files_only=True, **extra)
+        state = state[0] if isinstance(state, tuple) else state   # SD 1.x/SDXL also return network alphas
     except Exception as e:
         raise LoraError(f"{path} holds LoRA weights in a layout diffusers cannot convert ({type(e).__name__}: "
-                        f"{e}); expected a kohya (lora_unet_*) or diffusers (unet.*) LoRA for an SD-family UNet") from e
+                        f"{e}); expected a kohya (lora_unet_*) or diffusers (unet.* / transformer.*) LoRA for this model family") from e
     bad = sorted(k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point()
                  and not torch.isfinite(v).all())
     if bad:
         raise LoraError(f"LoRA file {path} holds NaN or inf in {len(bad)} tensor(s) (first: {bad[0]}): the training "
                         f"that wrote it diverged; use an earlier checkpoint or retrain with a lower learning rate")
-    _check_unet_part(pipe.unet, {k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")}, path,
+    prefix = "transformer." if getattr(pipe, "transformer", None) is not None else "unet."
+    _check_unet_part(backbone(pipe), {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, path,
                      set(keys))
 
 

@@ -24,13 +24,13 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from . import checks, memory
-from .denoisers import DiffusersDenoiser
-from .generate import checkpointed, conditioning, decode, latent_shape, start_latents
+from .family import (backbone, conditioning, decode, denoiser, is_flow, latent_shape, noise_scaling, sampler_sigmas,
+                     start_latents)
+from .generate import checkpointed
 from .rewards.base import RewardModel
 from .rewards.composite import WeightedReward
 from .rewards.implicit_cfg import ImplicitCFG
 from .sampler import Cancelled, sample_r0, seeded_noise, seeded_noise_sampler
-from .schedule import scheduler_sigmas
 
 MOMENTUM = 0.9  # ReNO's SGD momentum (Nesterov)
 
@@ -90,7 +90,7 @@ def refine_noise(pipe, reward: RewardModel, prompt: str | Sequence[str], *, iter
     memory.images_per_chunk(pipe, batch_size, height, width, cfg=guidance != 1, training=True,
                             what="test-time refinement")
     cfg = ImplicitCFG(cfg_reward_weight, cfg_reward_t_range) if cfg_reward_weight else None
-    with torch.inference_mode(False), torch.enable_grad(), _frozen(pipe.unet, pipe.vae, reward):
+    with torch.inference_mode(False), torch.enable_grad(), _frozen(backbone(pipe), pipe.vae, reward):
         render, noise, guided = _generator(pipe, prompts, seed=seed, steps=steps, eta=eta, guidance=guidance,
                                            height=height, width=width, cfg=cfg)
         objective = _objective(render, reward, prompts, normalize_gradients, reg_weight, guided)
@@ -146,7 +146,7 @@ def _check(pipe, reward, prompt, iterations, lr, batch_size, reg_weight, grad_cl
     prompts = prompts * batch_size if len(prompts) == 1 else prompts
     if len(prompts) != batch_size:
         raise ValueError(f"got {len(prompts)} prompts for batch_size={batch_size}; pass one, or one per image")
-    for name, module in (("pipeline's UNet", pipe.unet), ("pipeline's VAE", pipe.vae), ("reward", reward)):
+    for name, module in (("pipeline's backbone", backbone(pipe)), ("pipeline's VAE", pipe.vae), ("reward", reward)):
         if any(p.is_inference() for p in module.parameters()):
             raise ValueError(f"the {name} weights were created under torch.inference_mode, so no gradient can "
                              f"pass through them; load it outside inference mode (r0_core.loading.load_pipeline "
@@ -179,20 +179,20 @@ def _generator(pipe, prompts, *, seed, steps, eta, guidance, height, width, cfg)
     cond = c["cond"]
     shape = latent_shape(pipe, len(prompts), height, width)
     seeds = [seed + i for i in range(len(prompts))]
-    model = checkpointed(DiffusersDenoiser.from_pipeline(pipe))
-    sigmas = scheduler_sigmas(pipe.scheduler, steps).to(cond.device)
+    model = checkpointed(denoiser(pipe))
+    sigmas = sampler_sigmas(pipe, steps).to(cond.device)
     extra = {**c, "guidance": guidance}
     noise = seeded_noise(shape, seeds, cond.device, torch.float32).requires_grad_(True)
 
     def render(noise):
-        x = start_latents(noise.to(cond.dtype), sigmas)
+        x = start_latents(noise.to(cond.dtype), sigmas, is_flow(pipe))
         latents = sample_r0(model, x, sigmas, extra, disable=True, eta=eta,
-                            noise_sampler=seeded_noise_sampler(x, seeds))
+                            noise_sampler=seeded_noise_sampler(x, seeds), noise_scaling=noise_scaling(pipe))
         return checkpointed(decode)(pipe, latents), latents
 
     def guided(latents, it, normalize):
         gen = torch.Generator("cpu").manual_seed(seed * 1_000_003 + it)
-        direction = cfg.direction(model, latents, c, pipe.scheduler.alphas_cumprod, gen)
+        direction = cfg.direction(model, latents, c, None if is_flow(pipe) else pipe.scheduler.alphas_cumprod, gen)
         return cfg.surrogate(direction, latents, normalize)
     return render, noise, (guided if cfg is not None else None)
 

@@ -37,13 +37,12 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from . import checks, cli, lora, memory
-from .denoisers import DiffusersDenoiser
 from .files import atomic_save, atomic_write
-from .generate import checkpointed, conditioning, decode, latent_shape, start_latents
+from .family import backbone, conditioning, decode, denoiser, is_flow, latent_shape, sampler_sigmas, start_latents
+from .generate import checkpointed
 from .rewards import RewardModel, WeightedReward
 from .rewards.implicit_cfg import ImplicitCFG
-from .sampler import Cancelled, sample_r0
-from .schedule import scheduler_sigmas
+from .sampler import Cancelled, flow_noise_scaling, sample_r0, vp_noise_scaling
 
 
 
@@ -163,9 +162,10 @@ def share(accelerator, batch_size: int) -> slice:
 
 
 def generator_latents(model, config: R0Config, c: dict, shape, sigmas, gen: torch.Generator,
-                      part: slice = slice(None)) -> torch.Tensor:
+                      part: slice = slice(None), flow: bool = False) -> torch.Tensor:
     """Clean latents from the K-step generator, differentiable w.r.t. the trainable weights: the `part` rows of
-    a global batch of `shape` (its noise and η drawn for all of it), conditioned on `c` (generate.conditioning)."""
+    a global batch of `shape` (its noise and η drawn for all of it), conditioned on `c` (family.conditioning);
+    flow: a rectified-flow model's start and re-noising."""
     lo, hi = config.eta_range
     etas = lo + (hi - lo) * torch.rand(config.steps, *(shape[:1] if config.eta_per_image else ()), generator=gen)
     etas = etas[:, part] if config.eta_per_image else etas
@@ -174,14 +174,16 @@ def generator_latents(model, config: R0Config, c: dict, shape, sigmas, gen: torc
         k = int(torch.multinomial(torch.tensor(weights, dtype=torch.float), 1, generator=gen) if weights
                 else torch.randint(config.steps, (1,), generator=gen))
     like = c["cond"]
-    x = start_latents(torch.randn(shape, generator=gen)[part].to(like), sigmas)
+    x = start_latents(torch.randn(shape, generator=gen)[part].to(like), sigmas, flow)
+    scaling = flow_noise_scaling if flow else vp_noise_scaling
     noise = lambda sigma, sigma_next: torch.randn(shape, generator=gen)[part].to(like)  # noqa: E731
     extra = {**c, "guidance": config.guidance}
     if config.mode == "r0":
-        return sample_r0(model, x, sigmas, extra, eta=etas, noise_sampler=noise, disable=True)
+        return sample_r0(model, x, sigmas, extra, eta=etas, noise_sampler=noise, disable=True, noise_scaling=scaling)
     if k > 0:  # R0+: the path to step k carries no gradient
         with torch.no_grad():
-            x = sample_r0(model, x, sigmas[:k + 1], extra, eta=etas[:k], noise_sampler=noise, disable=True)
+            x = sample_r0(model, x, sigmas[:k + 1], extra, eta=etas[:k], noise_sampler=noise, disable=True,
+                          noise_scaling=scaling)
     return model(x, sigmas[k] * x.new_ones(len(x)), **extra)  # x̂0 at step k
 
 
@@ -256,7 +258,7 @@ class Trainable:
             self.params = list(unet.parameters())
             self.initial = [p.detach().clone() for p in self.params]
         else:
-            targets = lora.ALL if config.lora_targets == "all" else lora.ATTENTION
+            targets = lora.targets_for(unet, config.lora_targets)
             with torch.random.fork_rng(devices=[]):  # the LoRA's random init depends on the seed alone
                 torch.manual_seed(config.seed)
                 lora.add_lora(unet, rank=config.lora_rank, targets=targets, name=adapter)
@@ -324,16 +326,17 @@ def make_accelerator(mixed_precision: str, device: torch.device):
 def save_trained(pipe, trainable: Trainable, accelerator, out_dir: str, lora_path: str, adapter: str,
                  cancelled: bool, metadata: dict) -> Optional[str]:
     """Save what a trainer trained: the LoRA (as <name>_partial when cancelled), or the full UNet in
-    out_dir/unet. Returns the LoRA's path (None for a full UNet or off the main process)."""
+    out_dir/unet (a flow model's transformer in out_dir/transformer). Returns the LoRA's path (None for a full
+    fine-tune or off the main process)."""
     if not accelerator.is_main_process:
         return None
     if trainable.full:
-        pipe.unet.save_pretrained(os.path.join(out_dir, "unet"))
+        backbone(pipe).save_pretrained(os.path.join(out_dir, "transformer" if is_flow(pipe) else "unet"))
         return None
     if cancelled:
         stem, ext = os.path.splitext(lora_path)
         lora_path = f"{stem}_partial{ext}"
-    return lora.save_lora(pipe.unet, lora_path, adapter, metadata=metadata)
+    return lora.save_lora(backbone(pipe), lora_path, adapter, metadata=metadata)
 
 
 class OtherRun(ValueError):
@@ -447,7 +450,7 @@ def check_inputs(pipe, reward: Optional[RewardModel], config: R0Config) -> None:
     if reward is None and not config.cfg_reward_weight:
         raise ValueError("reward is None and cfg_reward_weight is 0: nothing to maximise; pass a reward "
                          "(load_reward, or a WeightedReward of several) or a cfg_reward_weight > 0")
-    if any(p.is_inference() for p in pipe.unet.parameters()):
+    if any(p.is_inference() for p in backbone(pipe).parameters()):
         raise ValueError("the pipeline's weights were made in torch.inference_mode(), so they cannot be trained; "
                          "load it outside inference mode (load_pipeline and the R0 Load Pipeline node do)")
     memory.images_per_chunk(pipe, config.batch_size, config.height, config.width, cfg=config.guidance != 1,
@@ -467,13 +470,14 @@ def train_r0(pipe, reward: Optional[RewardModel], config: R0Config, out_dir: str
              callback: Optional[Callable[[dict], None]] = None, accelerator=None, adapter: str = "r0",
              overwrite: bool = False) -> TrainResult:
     """Train, checkpointing to out_dir every `checkpoint_every` iterations and resuming from it if present.
-    The LoRA is trained as adapter `adapter` of pipe.unet (left active) and saved to lora_path.
+    The LoRA is trained as adapter `adapter` of the pipeline's backbone (its UNet, or an SD3 pipeline's
+    transformer; left active) and saved to lora_path.
     callback({"i", "total", "loss", "rewards"}) after each iteration; raising Cancelled there stops the run,
     saves its state (so calling again resumes it) and a partial LoRA beside lora_path.
     A run resumes only with the same settings, base UNet and rewards (OtherRun otherwise), and never replaces a
     LoRA file it did not make unless overwrite=True (FileExistsError)."""
     check_inputs(pipe, reward, config)
-    accelerator = accelerator or make_accelerator(config.mixed_precision, pipe.unet.device)
+    accelerator = accelerator or make_accelerator(config.mixed_precision, backbone(pipe).device)
     lora_path = lora_path or os.path.join(out_dir, "r0_lora.safetensors")
     check_target(lora_path, out_dir, overwrite)
     normalize = config.normalize_gradients
@@ -489,20 +493,20 @@ def train_r0(pipe, reward: Optional[RewardModel], config: R0Config, out_dir: str
         if others:
             logger.warning("R0 trains on the base UNet: the active LoRA(s) %s take no part in training or in the "
                            "saved LoRA; apply them again beside it afterwards", ", ".join(others))
-        fingerprint = run_fingerprint(config, pipe.unet, reward)
-        trainable = Trainable(pipe.unet, config, adapter, keep_pretrained=config.cfg_reward_weight > 0)
+        net, flow = backbone(pipe), is_flow(pipe)
+        fingerprint = run_fingerprint(config, net, reward)
+        trainable = Trainable(net, config, adapter, keep_pretrained=config.cfg_reward_weight > 0)
         optimizer = torch.optim.AdamW(trainable.params, lr=config.lr, betas=(config.adam_beta1, 0.999),
                                       weight_decay=0.0)
         ema = EMAModel(trainable.params, decay=config.ema_decay) if config.ema_decay else None
-        unet, optimizer = accelerator.prepare(pipe.unet, optimizer)
-        alphas_cumprod = pipe.scheduler.alphas_cumprod
-        prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
-        denoiser = DiffusersDenoiser(unet, alphas_cumprod, prediction)
-        model = checkpointed(denoiser) if config.gradient_checkpointing else denoiser
+        unet, optimizer = accelerator.prepare(net, optimizer)
+        alphas_cumprod = None if flow else pipe.scheduler.alphas_cumprod   # the implicit CFG reward's levels
+        generator = denoiser(pipe, unet)
+        model = checkpointed(generator) if config.gradient_checkpointing else generator
         cfg = config.implicit_cfg
-        base = DiffusersDenoiser(trainable.frozen if trainable.full else unet, alphas_cumprod, prediction) \
+        base = denoiser(pipe, trainable.frozen if trainable.full else unet) \
             if cfg is not None else None   # the pretrained model, asked inside `pretrained(trainable)`
-        sigmas = scheduler_sigmas(pipe.scheduler, config.steps).to(unet.device)
+        sigmas = sampler_sigmas(pipe, config.steps).to(unet.device)
         shape = latent_shape(pipe, config.batch_size, config.height, config.width)   # the global batch
         part = share(accelerator, config.batch_size)
 
@@ -514,7 +518,7 @@ def train_r0(pipe, reward: Optional[RewardModel], config: R0Config, out_dir: str
                                  with_uncond=cfg is not None)
             unet.train()
             with accelerator.autocast():
-                latents = generator_latents(model, config, c, shape, sigmas, gen, part)
+                latents = generator_latents(model, config, c, shape, sigmas, gen, part, flow)
                 images = (checkpointed(decode) if config.gradient_checkpointing else decode)(pipe, latents)
                 direction = None
                 if cfg is not None:

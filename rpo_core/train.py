@@ -45,7 +45,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from r0_core import checks, cli, files, lora, memory
-from r0_core.generate import conditional, conditioning, generate, join, take
+from r0_core.family import backbone, conditional, conditioning, diffusion_loss, encode, join, take
+from r0_core.generate import generate
 from r0_core.rewards import LambdaHarmonic, RewardModel
 from r0_core.rewards.composite import lambda_harmonic
 from r0_core.train import (Trainable, check_target, make_accelerator, optimizer_step, run_fingerprint,
@@ -219,28 +220,9 @@ def load_validated(unet, out_dir: str, iteration: int, adapter: Optional[str] = 
 
 # ----------------------------------------------------------------------------------------------- the pieces
 
-def vae_latents(pipe, images: torch.Tensor) -> torch.Tensor:
-    """Scaled VAE latents (as the UNet sees them) of images [B, 3, H, W] in 0..1: the posterior mean."""
-    vae = pipe.vae
-    posterior = vae.encode((images * 2 - 1).to(vae.device, vae.dtype)).latent_dist
-    return posterior.mean * vae.config.scaling_factor
-
-
 def preference_labels(r_ref: torch.Tensor, r_gen: torch.Tensor, tau: float, gen: torch.Generator) -> torch.Tensor:
     """y ~ Bernoulli(σ((r_ref − r_gen) / τ)), 1.0 where the reference is preferred."""
     return torch.bernoulli(torch.sigmoid((r_ref - r_gen) / tau), generator=gen)
-
-
-def diffusion_losses(unet, scheduler, latents, c: dict, noise, timesteps) -> torch.Tensor:
-    """Per-image MSE of the UNet's prediction (ε or v, as the scheduler was trained) at the given noise and t,
-    conditioned on `c` (the conditional half of r0_core.generate.conditioning: SDXL's added conditioning too)."""
-    noisy = scheduler.add_noise(latents, noise, timesteps)
-    if scheduler.config.get("prediction_type", "epsilon") == "v_prediction":
-        target = scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        target = noise
-    prediction = unet(noisy, timesteps, encoder_hidden_states=c["cond"], added_cond_kwargs=c.get("added_cond")).sample
-    return F.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(1)
 
 
 def pair_noise(like: torch.Tensor, scheduler, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -251,10 +233,10 @@ def pair_noise(like: torch.Tensor, scheduler, gen: torch.Generator) -> tuple[tor
     return noise, t
 
 
-def pair_losses(unet, scheduler, ref_latents, gen_latents, c: dict, noise, t) -> torch.Tensor:
-    """ℓ for the references then the negatives ([2B]), each pair under the same noise and timestep; `c` holds
-    the 2B rows of conditioning, the references' then the negatives'."""
-    return diffusion_losses(unet, scheduler, torch.cat([ref_latents, gen_latents]), c,
+def pair_losses(pipe, model, ref_latents, gen_latents, c: dict, noise, t) -> torch.Tensor:
+    """ℓ of backbone `model` for the references then the negatives ([2B]), each pair under the same noise and
+    timestep; `c` holds the 2B rows of conditioning, the references' then the negatives'."""
+    return diffusion_loss(pipe, model, torch.cat([ref_latents, gen_latents]), c,
                             torch.cat([noise, noise]), torch.cat([t, t]))
 
 
@@ -295,7 +277,7 @@ def frozen_model(pipe, others: list, adapter: str, frozen_unet):
         return
     lora.use_loras(pipe, others)
     try:
-        yield pipe.unet
+        yield backbone(pipe)
     finally:
         lora.use_loras(pipe, others + [(adapter, 1.0)])
 
@@ -313,12 +295,12 @@ def check_inputs(pipe, references: torch.Tensor, config: RPOConfig) -> None:
         checks.prompts_fit(pipe.tokenizer, prompts, what)
     # a step denoises each pair's reference and negative (no decoder in the loss, but validation decodes)
     memory.images_per_chunk(pipe, 2 * config.batch_size, None, None, cfg=False, training=True, what="RPO training")
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    size = backbone(pipe).config.sample_size * pipe.vae_scale_factor
     if tuple(references.shape[-2:]) != (size, size):
         raise ValueError(f"references are {references.shape[-2]}x{references.shape[-1]} pixels; this model trains at "
                          f"{size}x{size}: fit them with rpo_core.references.load_references(..., size={size}) "
                          f"(or fit(images, {size}))")
-    if any(p.is_inference() for p in pipe.unet.parameters()):
+    if any(p.is_inference() for p in backbone(pipe).parameters()):
         raise ValueError("the pipeline's weights were made in torch.inference_mode(), so they cannot be trained; "
                          "load it outside inference mode (load_pipeline and the R0 Load Pipeline node do)")
 
@@ -352,7 +334,7 @@ def preference_data(pipe, config: RPOConfig, label_reward: LambdaHarmonic, refer
             _, prior_latents, _ = sample(pipe, [f"a {config.class_name}"], config, config.seed * 100_003 + 7919,
                                          config.negatives_per_prompt * len(config.prompts))
         embed = lambda texts: conditional(conditioning(pipe, texts, 1.0))  # noqa: E731
-        return PreferenceData(vae_latents(pipe, references), neg_latents,
+        return PreferenceData(encode(pipe, references), neg_latents,
                               torch.tensor([config.prompts.index(p) for p in neg_prompts]), r_ref,
                               label_reward(neg_images.to(on), neg_prompts).cpu(), embed([config.reference_prompt]),
                               embed(config.prompts), embed([f"a {config.class_name}"]), prior_latents)
@@ -375,22 +357,22 @@ def draw_pairs(data: PreferenceData, config: RPOConfig, scheduler, gen: torch.Ge
             "labels": labels[part], "noise": noise[part], "t": t[part], "cond": cond, "prior": prior}
 
 
-def rpo_loss(unet, frozen, scheduler, pairs: dict, data: PreferenceData, config: RPOConfig) -> dict:
+def rpo_loss(pipe, unet, frozen, pairs: dict, data: PreferenceData, config: RPOConfig) -> dict:
     """L_sim (the references' diffusion loss: DreamBooth's), + L_pref (the labelled preference between each
     reference and its negative, against the frozen model: `frozen()` enters it), + the prior-preservation loss."""
     refs, gens, noise, t = pairs["refs"], pairs["gens"], pairs["noise"], pairs["t"]
     b = len(refs)
-    loss_theta = pair_losses(unet, scheduler, refs, gens, pairs["cond"], noise, t)
+    loss_theta = pair_losses(pipe, unet, refs, gens, pairs["cond"], noise, t)
     l_sim = loss_theta[:b].mean()
     l_pref, beta_delta, l_prior = torch.zeros(()), torch.zeros(()), torch.zeros(())
     if config.preference:
         with torch.no_grad(), frozen() as ref_unet:
-            loss_ref = pair_losses(ref_unet, scheduler, refs, gens, pairs["cond"], noise, t)
+            loss_ref = pair_losses(pipe, ref_unet, refs, gens, pairs["cond"], noise, t)
         delta = (loss_ref[:b] - loss_theta[:b]) - (loss_ref[b:] - loss_theta[b:])
         l_pref = preference_loss(delta, pairs["labels"].to(delta), config.beta)
         beta_delta = (config.beta * delta).detach().abs().mean()
     if pairs["prior"] is not None:
-        l_prior = config.prior_weight * diffusion_losses(unet, scheduler, pairs["prior"].to(refs),
+        l_prior = config.prior_weight * diffusion_loss(pipe, unet, pairs["prior"].to(refs),
                                                          take(data.class_cond, b), noise, t).mean()
     return {"loss": l_sim + l_pref + l_prior, "l_sim": l_sim, "l_pref": l_pref, "beta_delta": beta_delta}
 
@@ -409,15 +391,16 @@ def save_rpo_curve(out_dir: str, history: list[dict], validations: list[dict], c
 def train_rpo(pipe, encoder: RewardModel, references: torch.Tensor, config: RPOConfig, out_dir: str,
               lora_path: Optional[str] = None, callback: Optional[Callable[[dict], None]] = None,
               accelerator=None, adapter: str = "rpo", overwrite: bool = False) -> RPOResult:
-    """Fine-tune pipe.unet on the subject in `references` ([N, 3, H, W] in 0..1 at the model's size), with the
+    """Fine-tune the pipeline's backbone (its UNet, or an SD3 pipeline's transformer) on the subject in `references` ([N, 3, H, W] in 0..1 at the model's size), with the
     λ-Harmonic reward on `encoder` (any scorer with image_embeds and text_embeds: CLIP, ALIGN, ...).
-    Checkpoints to out_dir and resumes from it; the best validated weights end up in pipe.unet (adapter
+    Checkpoints to out_dir and resumes from it; the best validated weights end up in the backbone (adapter
     `adapter`, left active) and in lora_path. callback({"i", "total", "loss", ...}) after each iteration;
     raising Cancelled there saves the state and the best LoRA so far (as *_partial). A run resumes only with the
     same settings, UNet (with the LoRAs it trains on), encoder and references (OtherRun otherwise), and never
     replaces a LoRA file it did not make unless overwrite=True (FileExistsError)."""
     check_inputs(pipe, references, config)
-    accelerator = accelerator or make_accelerator(config.mixed_precision, pipe.unet.device)
+    net = backbone(pipe)
+    accelerator = accelerator or make_accelerator(config.mixed_precision, net.device)
     lora_path = lora_path or os.path.join(out_dir, "rpo_lora.safetensors")
     check_target(lora_path, out_dir, overwrite)
     os.makedirs(out_dir, exist_ok=True)
@@ -426,26 +409,26 @@ def train_rpo(pipe, encoder: RewardModel, references: torch.Tensor, config: RPOC
         pipe.vae.requires_grad_(False)
         for text_encoder in text_encoders(pipe):
             text_encoder.requires_grad_(False)
-        references = references.float().to(pipe.unet.device)
+        references = references.float().to(net.device)
         on = scorer_device(encoder)
         val_reward = LambdaHarmonic(encoder, config.lambda_val, references.to(on))
         others = [(n, w) for n, w in lora.active_loras(pipe) if n != adapter]
         pictures = hashlib.sha256(references.cpu().numpy().tobytes()).hexdigest()
-        fingerprint = run_fingerprint(config, pipe.unet, encoder, adapters=[n for n, _ in others],
+        fingerprint = run_fingerprint(config, net, encoder, adapters=[n for n, _ in others],
                                       extra=f"{others}{pictures}")
         data = preference_data(pipe, config, LambdaHarmonic(encoder, config.lambda_train, references.to(on)),
                                references)
 
-        frozen_unet = copy.deepcopy(pipe.unet).requires_grad_(False).eval() if config.lora_rank == 0 else None
-        trainable = Trainable(pipe.unet, config, adapter)
+        frozen_unet = copy.deepcopy(net).requires_grad_(False).eval() if config.lora_rank == 0 else None
+        trainable = Trainable(net, config, adapter)
         if not trainable.full:
             lora.use_loras(pipe, others + [(adapter, 1.0)])
         if config.gradient_checkpointing:
-            pipe.unet.enable_gradient_checkpointing()
+            net.enable_gradient_checkpointing()
         optimizer = torch.optim.AdamW(trainable.params, lr=config.lr, weight_decay=1e-2)
-        unet, optimizer = accelerator.prepare(pipe.unet, optimizer)
+        unet, optimizer = accelerator.prepare(net, optimizer)
         part = share(accelerator, config.batch_size)
-        scheduler = pipe.scheduler  # add_noise and the prediction type: the training-time schedule
+        scheduler = pipe.scheduler  # its training timesteps, drawn per pair
         keep_in = out_dir if config.keep_validated and accelerator.is_main_process else None   # one writer
         selection = Selection(trainable, keep_in)
 
@@ -453,7 +436,7 @@ def train_rpo(pipe, encoder: RewardModel, references: torch.Tensor, config: RPOC
             pairs = draw_pairs(data, config, scheduler, gen, part)
             unet.train()
             with accelerator.autocast():
-                losses = rpo_loss(unet, lambda: frozen_model(pipe, others, adapter, frozen_unet), scheduler, pairs,
+                losses = rpo_loss(pipe, unet, lambda: frozen_model(pipe, others, adapter, frozen_unet), pairs,
                                   data, config)
             optimizer_step(accelerator, trainable, optimizer, losses["loss"], 1.0)
             if (iteration + 1) % config.validate_every == 0 or iteration + 1 == config.iterations:
@@ -472,7 +455,7 @@ def train_rpo(pipe, encoder: RewardModel, references: torch.Tensor, config: RPOC
         unet.eval()
         accelerator.unwrap_model(unet)
         if config.gradient_checkpointing:
-            pipe.unet.disable_gradient_checkpointing()
+            net.disable_gradient_checkpointing()
         if config.select_best and best["iteration"] > 0:
             trainable.load_state_dict(best["weights"])   # keep the best validated weights, as RPO's selection does
         curve = save_rpo_curve(out_dir, history, validations, config, accelerator.is_main_process)
@@ -518,7 +501,7 @@ def main(argv=None):
     pipe = load_pipeline(args.model, device=accelerator.device)
     encoder, _ = parse_reward(args.encoder)
     encoder.to(accelerator.device)
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    size = backbone(pipe).config.sample_size * pipe.vae_scale_factor
     references = load_references(args.references, size)
     result = train_rpo(pipe, encoder, references, config, args.out, accelerator=accelerator,
                        overwrite=args.overwrite)

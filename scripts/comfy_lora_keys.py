@@ -1,12 +1,14 @@
-"""Our LoRA files in ComfyUI's LoraLoader, per UNet family, inside a ComfyUI checkout (not part of CI):
+"""Our LoRA files in ComfyUI's LoraLoader, per model family, inside a ComfyUI checkout (not part of CI):
 every key is mapped (no "lora key not loaded"), and every patched weight is W + alpha/r · up·down.
 
     cd <ComfyUI> && <ComfyUI's python> <pack>/scripts/comfy_lora_keys.py
 
-Each family is a diffusers UNet with the family's own block structure (SD 1.5: four levels, one transformer per
-attention; SDXL: three levels, 0/2/10 transformers, linear projections, text-time embedding) at small widths:
-LoRA key names depend on the structure alone, and the widths only make it fit in memory. The LoRA adapts every
-supported target (lora.ALL + lora.EXTRA) with random factors, is saved by lora.save_lora, and goes through
+Each family is a diffusers backbone with the family's own block structure (SD 1.5: four levels, one transformer
+per attention; SDXL: three levels, 0/2/10 transformers, linear projections, text-time embedding; SD3: an MMDiT of
+two joint blocks) at small widths: LoRA key names depend on the structure alone, and the widths only make it fit
+in memory. The LoRA adapts every supported target (a UNet's lora.ALL + lora.EXTRA, the transformer's attention
+and feed-forward layers) with random factors, is saved by lora.save_lora (kohya keys for UNets, diffusers
+`transformer.*` keys for SD3), and goes through
 ComfyUI's own `comfy.sd.load_lora_for_models` (what LoraLoader runs) on the same structure built as ComfyUI's
 model (`comfy.supported_models`). Writes benchmarks/results/comfy_lora_keys.json and .md.
 """
@@ -64,19 +66,36 @@ FAMILIES = {
                             num_head_channels=WIDTH, num_classes="sequential", in_channels=4, out_channels=4,
                             image_size=8, use_spatial_transformer=True, legacy=False, use_checkpoint=False,
                             use_temporal_resblock=False))),
+    # ComfyUI's MMDiT is 64 channels per block of depth: depth 2 = hidden 128 (2 heads of 64)
+    "SD3": dict(
+        diffusers=dict(sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+                       attention_head_dim=64, num_attention_heads=2, joint_attention_dim=64,
+                       caption_projection_dim=128, pooled_projection_dim=64, pos_embed_max_size=16),
+        comfy=("SD3", dict(in_channels=4, out_channels=4, patch_size=2, depth=2, input_size=None,
+                           adm_in_channels=64, pos_embed_max_size=16, num_patches=256, qk_norm=None,
+                           x_block_self_attn_layers=[], pos_embed_scaling_factor=None,
+                           context_embedder_config={"target": "torch.nn.Linear",
+                                                    "params": {"in_features": 64, "out_features": 128}}))),
 }
 
 
-def our_lora(settings: dict, path: str) -> tuple[UNet2DConditionModel, int]:
-    """A diffusers UNet of the family with a LoRA on every supported target, random factors, saved to path."""
+def our_lora(family: str, settings: dict, path: str) -> int:
+    """A diffusers backbone of the family with a LoRA on every supported target (a UNet's ALL + EXTRA, a
+    transformer's attention and feed-forward), random factors, saved to path; returns the adapted modules."""
+    from diffusers import SD3Transformer2DModel
+
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**settings)
-    lora.add_lora(unet, rank=4, targets=lora.ALL + lora.EXTRA, name="r0")
+    if family == "SD3":
+        model = SD3Transformer2DModel(**settings)
+        targets = lora.targets_for(model, "all")
+    else:
+        model, targets = UNet2DConditionModel(**settings), lora.ALL + lora.EXTRA
+    lora.add_lora(model, rank=4, targets=targets, name="r0")
     with torch.no_grad():
-        for p in lora.lora_parameters(unet, "r0"):
+        for p in lora.lora_parameters(model, "r0"):
             p.normal_(0, 0.1)   # B starts at 0; random B makes every ΔW visible
-    lora.save_lora(unet, path, "r0")
-    return unet, len(lora.kohya_state_dict(unet, "r0")) // 3
+    lora.save_lora(model, path, "r0")
+    return len(lora.lora_parameters(model, "r0")) // 2
 
 
 def comfy_model(name: str, unet_config: dict):
@@ -103,7 +122,7 @@ def check(family: str, settings: dict) -> dict:
     name, unet_config = settings["comfy"]
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "lora.safetensors")
-        _, modules = our_lora(settings["diffusers"], path)
+        modules = our_lora(family, settings["diffusers"], path)
         file = comfy.utils.load_torch_file(path, safe_load=True)
     patcher = comfy_model(name, unet_config)
     messages = Messages()
@@ -116,16 +135,22 @@ def check(family: str, settings: dict) -> dict:
     before = {k: v.clone() for k, v in patcher.model.state_dict().items()}
     patched.patch_model()
     after = patched.model.state_dict()
-    worst, compared = 0.0, 0
+    expected, compared = {}, 0
     for key in {k.rsplit(".", 2)[0] for k in file}:
         target = key_map.get(key)
         if target is None:
             continue
-        down, up = file[f"{key}.lora_down.weight"].float(), file[f"{key}.lora_up.weight"].float()
-        alpha = float(file[f"{key}.alpha"])
-        delta = (up.flatten(1) @ down.flatten(1)).reshape(before[target].shape) * alpha / down.shape[0]
-        worst = max(worst, float((after[target] - before[target] - delta).abs().max()))
+        kohya = f"{key}.lora_down.weight" in file
+        down = file[f"{key}.lora_down.weight" if kohya else f"{key}.lora_A.weight"].float()
+        up = file[f"{key}.lora_up.weight" if kohya else f"{key}.lora_B.weight"].float()
+        scale = float(file[f"{key}.alpha"]) / down.shape[0] if kohya else 1.0
+        # ComfyUI maps some layers onto a slice of a fused weight (SD3's q, k, v in one qkv): (key, (dim, at, n))
+        name, where = (target, None) if isinstance(target, str) else target
+        weight = expected.setdefault(name, before[name].clone())
+        part = weight if where is None else weight.narrow(*where)
+        part += (up.flatten(1) @ down.flatten(1)).reshape(part.shape) * scale
         compared += 1
+    worst = max(float((after[name] - weight).abs().max()) for name, weight in expected.items())
     patched.unpatch_model()
     not_loaded = [m for m in messages.lines if "not loaded" in m.lower()]
     return {"family": family, "lora_modules": modules, "mapped": compared, "patched": len(patched.patches),
@@ -144,9 +169,9 @@ def main():
         json.dump(report, f, indent=1)
     lines = [f"# Our LoRA files in ComfyUI {report['comfyui']}'s LoraLoader (`comfy.sd.load_lora_for_models`)", "",
              f"Command: `{report['command']}` (commit {commit}).", "",
-             "Every supported target (lora.ALL + lora.EXTRA), rank 4, random factors; each family's UNet block "
-             "structure at small widths.", "",
-             "| family | LoRA modules in the file | mapped by ComfyUI | patched weights | \"not loaded\" messages | "
+             "Every supported target (UNets: lora.ALL + lora.EXTRA; SD3: attention and feed-forward), rank 4, "
+             "random factors; each family's block structure at small widths.", "",
+             "| family | LoRA modules in the file | mapped by ComfyUI | patched weights (SD3: q, k, v share one) | \"not loaded\" messages | "
              "max abs(patched − (W + α/r·up·down)) |", "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['family']} | {r['lora_modules']} | {r['mapped']} | {r['patched']} | "
@@ -155,7 +180,8 @@ def main():
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
     for r in rows:
-        assert r["mapped"] == r["patched"] == r["lora_modules"] and not r["not_loaded"], r
+        # SD3's q, k and v patch one fused qkv weight, so a file can patch fewer weights than it adapts modules
+        assert r["mapped"] == r["lora_modules"] and 0 < r["patched"] <= r["mapped"] and not r["not_loaded"], r
         assert r["max_weight_error"] < 1e-5, r
 
 

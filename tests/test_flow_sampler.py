@@ -59,7 +59,8 @@ def test_r0_sampler_equals_flow_match_euler(transformer, eta, guidance):
     with torch.no_grad():
         ours = sample_r0(FlowDenoiser(transformer), x.clone(), flow_sigmas(steps, shift), disable=True, eta=eta,
                          noise_scaling=flow_noise_scaling,
-                         extra_args={"cond": cond, "pooled": pooled, "uncond": uncond, "uncond_pooled": uncond_pooled,
+                         extra_args={"cond": cond, "added_cond": {"pooled_projections": pooled}, "uncond": uncond,
+                                     "uncond_added_cond": {"pooled_projections": uncond_pooled},
                                      "guidance": guidance},
                          noise_sampler=lambda s, s_next: torch.randn(x.shape, generator=ours_noise))
     assert torch.allclose(ours, sample, atol=1e-4), (ours - sample).abs().max()
@@ -76,6 +77,6 @@ def test_eta_between_mixes_the_two(transformer):
         noise = torch.Generator().manual_seed(3)
         with torch.no_grad():
             run[eta] = sample_r0(FlowDenoiser(transformer), x, flow_sigmas(4, 3.0), disable=True, eta=eta,
-                                 noise_scaling=flow_noise_scaling, extra_args={"cond": cond, "pooled": pooled},
+                                 noise_scaling=flow_noise_scaling, extra_args={"cond": cond, "added_cond": {"pooled_projections": pooled}},
                                  noise_sampler=lambda s, s_next: torch.randn(x.shape, generator=noise))
     assert not torch.allclose(run[0.5], run[0.0], atol=1e-3) and not torch.allclose(run[0.5], run[1.0], atol=1e-3)

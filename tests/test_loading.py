@@ -87,7 +87,7 @@ def test_unsupported_families_are_named_with_the_supported_ones(keys, found):
 
 @pytest.mark.parametrize("class_name, found", [("StableDiffusionXLImg2ImgPipeline", "SDXL refiner"),
                                                ("StableDiffusionInpaintPipeline", "inpainting"),
-                                               ("StableDiffusion3Pipeline", "SD3"), ("KandinskyPipeline", "Kandinsky")])
+                                               ("FluxPipeline", "Flux"), ("KandinskyPipeline", "Kandinsky")])
 def test_unsupported_pipeline_folders_are_named(tmp_path, class_name, found):
     (tmp_path / "model_index.json").write_text('{"_class_name": "%s"}' % class_name)
     with pytest.raises(ModelLoadError) as e:

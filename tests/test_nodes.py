@@ -6,7 +6,7 @@ from nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, bridge
 from nodes.r0_nodes import (_CACHE, TINY, R0FewStepGenerate, R0LoadPipeline, comfy_sample_r0, get_pipeline,
                             parse_timesteps, resolve_model)
 from r0_core.denoisers import DiffusersDenoiser
-from r0_core.generate import encode_prompts
+from r0_core.family import encode_prompts
 from r0_core.sampler import sample_r0
 from r0_core.schedule import r0_sigmas, sigmas_from_alphas_cumprod
 

@@ -8,7 +8,8 @@ from safetensors.torch import load_file
 
 from r0_core import lora
 from r0_core.denoisers import DiffusersDenoiser
-from r0_core.generate import encode_prompts, generate
+from r0_core.family import encode_prompts
+from r0_core.generate import generate
 from r0_core.loading import load_pipeline
 from r0_core.rewards import WeightedReward, load_reward
 from r0_core.rewards.implicit_cfg import ImplicitCFG

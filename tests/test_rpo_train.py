@@ -63,7 +63,7 @@ def test_pairs_share_noise_and_timestep():
     noise, t = pair_noise(latents, pipe.scheduler, gen)
     cond = {"cond": pipe.encode_prompt(["a vum circle"] * 6, "cpu", 1, False)[0]}
     with torch.no_grad():
-        losses = pair_losses(pipe.unet, pipe.scheduler, latents, latents.clone(), cond, noise, t)
+        losses = pair_losses(pipe, pipe.unet, latents, latents.clone(), cond, noise, t)
     # the same image and prompt in both halves of every pair: identical losses, so Δ = 0 (up to the last bits a
     # CPU kernel may round differently by batch row; different noise would differ by ~0.1)
     torch.testing.assert_close(losses[:3], losses[3:], rtol=0, atol=1e-6)

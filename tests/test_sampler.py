@@ -4,7 +4,8 @@ import torch
 from diffusers import DDIMScheduler, LCMScheduler
 
 from r0_core.denoisers import DiffusersDenoiser
-from r0_core.generate import encode_prompts, generate
+from r0_core.family import encode_prompts
+from r0_core.generate import generate
 from r0_core.loading import TINY, load_pipeline
 from r0_core.sampler import Cancelled, sample_r0
 from r0_core.schedule import sigmas_for_timesteps, sigmas_from_alphas_cumprod, uniform_timesteps

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from r0_core.denoisers import DiffusersDenoiser
-from r0_core.generate import conditioning, generate
+from r0_core.family import conditioning
+from r0_core.generate import generate
 from r0_core.loading import TINY, TINY_PIPELINE_DIR
 from r0_core.sampler import sample_r0
 from r0_core.schedule import scheduler_sigmas

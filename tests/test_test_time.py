@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from r0_core.denoisers import DiffusersDenoiser
-from r0_core.generate import decode, encode_prompts, generate
+from r0_core.family import decode, encode_prompts
+from r0_core.generate import generate
 from r0_core.loading import TINY, load_pipeline
 from r0_core.rewards import RewardModel, WeightedReward, load_reward
 from r0_core.sampler import Cancelled, sample_r0

@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
-from ..generate import conditional, join, unconditional
+from ..family import conditional, join, unconditional
+from ..sampler import flow_noise_scaling, vp_noise_scaling
 from ..schedule import sigmas_from_alphas_cumprod
 
 
@@ -39,25 +41,29 @@ class ImplicitCFG:
             raise ValueError(f"implicit CFG t_range={self.t_range}; expected 0 <= low <= high <= 1 (fractions of "
                              f"the training timesteps)")
 
-    def sigmas(self, alphas_cumprod: torch.Tensor, batch: int, gen: torch.Generator) -> torch.Tensor:
-        """One re-noising σ per image, at a training timestep drawn uniformly from t_range."""
-        table = sigmas_from_alphas_cumprod(alphas_cumprod.detach().double().cpu())
+    def sigmas(self, alphas_cumprod: Optional[torch.Tensor], batch: int, gen: torch.Generator) -> torch.Tensor:
+        """One re-noising σ per image, at a training timestep drawn uniformly from t_range: the VP schedule's
+        σ there, or for a flow model (alphas_cumprod None) σ = t / 1000, its training levels."""
+        table = sigmas_from_alphas_cumprod(alphas_cumprod.detach().double().cpu()) if alphas_cumprod is not None \
+            else torch.arange(1, 1001, dtype=torch.float64) / 1000
         lo, hi = (round(f * (len(table) - 1)) for f in self.t_range)
         t = torch.randint(lo, hi + 1, (batch,), generator=gen)
         return table[t].float()
 
-    def direction(self, base, latents: torch.Tensor, conditioning: dict, alphas_cumprod: torch.Tensor,
+    def direction(self, base, latents: torch.Tensor, conditioning: dict, alphas_cumprod: Optional[torch.Tensor],
                   gen: torch.Generator, part: slice = slice(None), total: int | None = None) -> torch.Tensor:
         """The guidance direction x̂0(x_t, c) − x̂0(x_t, ∅) [B, C, h, w] of the frozen σ-denoiser `base` at a
         random re-noising of `latents`; detached. `conditioning`: r0_core.generate.conditioning(...,
         with_uncond=True) of the images' prompts. `latents` may be the `part` rows of a batch of `total`, whose
-        re-noising is then drawn for the whole batch (as a trainer's processes share one)."""
+        re-noising is then drawn for the whole batch (as a trainer's processes share one). alphas_cumprod None:
+        a rectified-flow model, re-noised as (1 − σ) x0 + σ n."""
         with torch.no_grad():
             x0 = latents.detach()
             total = total or len(x0)
             sigma = self.sigmas(alphas_cumprod, total, gen)[part].to(x0.device)
             noise = torch.randn((total, *x0.shape[1:]), generator=gen)[part].to(x0)
-            x_t = x0 + sigma.view(-1, *[1] * (x0.ndim - 1)).to(x0.dtype) * noise
+            renoise = vp_noise_scaling if alphas_cumprod is not None else flow_noise_scaling
+            x_t = renoise(sigma.view(-1, *[1] * (x0.ndim - 1)).to(x0.dtype), noise, x0)
             both = base(torch.cat([x_t, x_t]), torch.cat([sigma, sigma]),
                         **join(conditional(conditioning), unconditional(conditioning)))
             with_prompt, without = both.float().chunk(2)
