@@ -1,11 +1,14 @@
-"""Speed of the R0 sampler on the tiny model, as ratios against floors measured in the same run:
-`python benchmarks/sampler_speed.py`.
+"""Speed of the R0 sampler for every family, as ratios against floors measured in the same run:
+`python benchmarks/sampler_speed.py [--families tiny,sdxl,sd3]`.
 
-  floor    = K bare UNet calls on the same batch (doubled for CFG) + one VAE decode
+  floor    = K bare backbone calls on the same batch (doubled for CFG) + one VAE decode
   ratio 1  = R0 sampler wall time (noise, K steps, VAE decode) / floor
-  ratio 2  = R0 sampler wall time / diffusers' StableDiffusionPipeline with DDIM at the same K steps
-All three start from the same encoded prompts (text encoding is outside the sampler).
-Each figure is the median of --repeats interleaved runs.
+  ratio 2  = R0 sampler wall time / diffusers' own pipeline of the family at the same K steps (DDIM for the UNet
+             families, FlowMatchEuler for SD3)
+Families: the tiny world's SD model, and tiny random SDXL and SD3 pipelines (r0_core.tiny.architectures: the
+real block structure at small widths; speed does not depend on the weights). All three timings start from the
+same encoded prompts (text encoding is outside the sampler). Each figure is the median of --repeats interleaved
+runs, with the spread of the per-repeat ratios.
 Writes benchmarks/results/sampler_speed.json and .md (--results for another folder).
 """
 from __future__ import annotations
@@ -17,10 +20,10 @@ import time
 
 import torch
 
-from r0_core.family import decode, encode_prompts
+from r0_core.family import backbone, conditioning, decode, is_flow, latent_shape, sampler_sigmas
 from r0_core.generate import sample_latents
 from r0_core.loading import TINY, load_pipeline
-from r0_core.schedule import uniform_timesteps
+from r0_core.tiny.architectures import random_pipeline
 from r0_core.tiny.evaluate import eval_prompts
 from r0_core.tiny.protocol import write_results
 
@@ -32,72 +35,104 @@ def timed(fn) -> float:
 
 
 def markdown(report: dict) -> str:
-    model = "the tiny model" if report["model"] == TINY else f"`{report['model']}`"
-    lines = [f"Wall time of the R0 sampler (noise, K steps, VAE decode) on {model} against two references "
-             f"measured in the same run from the same encoded prompts: the floor of K bare UNet calls on the same "
-             f"batch (doubled for CFG) plus one VAE decode, and diffusers' StableDiffusionPipeline with DDIM at the "
-             f"same K. Each time is the median of {report['repeats']} interleaved runs; batch {report['batch']}, "
-             f"CFG {report['guidance']:g}, device {report['device']}, {report['torch_threads']} torch threads "
-             f"({report['cpu_count']} CPUs).", "",
-             "| steps | R0 s | floor s | diffusers s | R0/floor | R0/diffusers |", "|---|---|---|---|---|---|"]
-    for steps, r in report["steps"].items():
-        lines.append(f"| {steps} | {r['r0_s']:.3f} | {r['floor_s']:.3f} | {r['diffusers_s']:.3f} | "
-                     f"{r['r0_over_floor']:.3f} | {r['r0_over_diffusers']:.3f} |")
+    lines = [f"Wall time of the R0 sampler (noise, K steps, VAE decode) against two references measured in the same "
+             f"run from the same encoded prompts: the floor of K bare backbone calls on the same batch (doubled for "
+             f"CFG) plus one VAE decode, and the family's own diffusers pipeline at the same K. Each time is the "
+             f"median of {report['repeats']} interleaved runs, the ratios' spread over the repeats in brackets; "
+             f"batch {report['batch']}, CFG {report['guidance']:g}, device {report['device']}, "
+             f"{report['torch_threads']} torch threads ({report['cpu_count']} CPUs). tiny: the world's SD model; "
+             f"sdxl, sd3: tiny random pipelines of those architectures.", "",
+             "| family | steps | R0 s | floor s | diffusers s | R0/floor | R0/diffusers |", "|---|---|---|---|---|---|---|"]
+    for family, rows in report["families"].items():
+        for steps, r in rows.items():
+            lines.append(f"| {family} | {steps} | {r['r0_s']:.3f} | {r['floor_s']:.3f} | {r['diffusers_s']:.3f} | "
+                         f"{r['r0_over_floor']:.3f} [{r['r0_over_floor_range'][0]:.3f}, "
+                         f"{r['r0_over_floor_range'][1]:.3f}] | {r['r0_over_diffusers']:.3f} "
+                         f"[{r['r0_over_diffusers_range'][0]:.3f}, {r['r0_over_diffusers_range'][1]:.3f}] |")
     return "\n".join(lines)
+
+
+def family_pipeline(family: str):
+    return load_pipeline(TINY) if family == "tiny" else random_pipeline(family)
+
+
+def floor_call(pipe, c: dict, latents: torch.Tensor, sigmas: torch.Tensor, guided: bool):
+    """K bare backbone calls on the batch (both halves with CFG) and one VAE decode: no sampler arithmetic."""
+    net = backbone(pipe)
+    both = lambda a, b: torch.cat([b, a]) if guided else a  # noqa: E731
+    x = both(latents, latents)
+    context = both(c["cond"], c["uncond"])
+    added = None if c.get("added_cond") is None else {
+        k: both(v, c["uncond_added_cond"][k]) for k, v in c["added_cond"].items()}
+    timesteps = sigmas[:-1] * pipe.scheduler.config.num_train_timesteps if is_flow(pipe) else \
+        torch.linspace(pipe.scheduler.config.num_train_timesteps - 1, 0, len(sigmas) - 1).round()
+
+    def run():
+        for t in timesteps:
+            t = t.expand(len(x))
+            if is_flow(pipe):
+                net(hidden_states=x, timestep=t, encoder_hidden_states=context, **added)
+            else:
+                net(x, t, encoder_hidden_states=context, added_cond_kwargs=added)
+        decode(pipe, latents)
+    return run
+
+
+def diffusers_call(pipe, c: dict, steps: int, guidance: float):
+    """The family's own pipeline from the same embeddings."""
+    kwargs = {"prompt_embeds": c["cond"], "negative_prompt_embeds": c["uncond"]}
+    if c.get("added_cond") is not None:
+        pooled = "pooled_projections" if is_flow(pipe) else "text_embeds"
+        kwargs.update(pooled_prompt_embeds=c["added_cond"][pooled],
+                      negative_pooled_prompt_embeds=(c.get("uncond_added_cond") or {}).get(pooled))
+    return lambda: pipe(num_inference_steps=steps, guidance_scale=guidance, output_type="pt", **kwargs)
+
+
+def measure(pipe, prompts, steps: int, guidance: float, repeats: int) -> dict:
+    c = conditioning(pipe, prompts, guidance)
+    sigmas = sampler_sigmas(pipe, steps)
+    latents = torch.randn(latent_shape(pipe, len(prompts))).to(backbone(pipe).device, backbone(pipe).dtype)
+    calls = {"floor": floor_call(pipe, c, latents, sigmas, c["uncond"] is not None),
+             "r0": lambda: decode(pipe, sample_latents(pipe, **c, steps=steps, guidance=guidance)),
+             "diffusers": diffusers_call(pipe, c, steps, guidance)}
+    for fn in calls.values():
+        fn()   # warm-up
+    runs = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, fn in calls.items():
+            runs[name].append(timed(fn))
+    median = {name: statistics.median(t) for name, t in runs.items()}
+    ratio = lambda ref: [r / f for r, f in zip(runs["r0"], runs[ref])]  # noqa: E731
+    return {**{f"{k}_s": round(v, 4) for k, v in median.items()},
+            "r0_over_floor": median["r0"] / median["floor"], "r0_over_diffusers": median["r0"] / median["diffusers"],
+            "r0_over_floor_range": [min(ratio("floor")), max(ratio("floor"))],
+            "r0_over_diffusers_range": [min(ratio("diffusers")), max(ratio("diffusers"))]}
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=TINY)
-    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--families", default="tiny,sdxl,sd3")
+    parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--guidance", type=float, default=2.0)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier timings on a shared CPU)")
     parser.add_argument("--results", default="benchmarks/results", help="folder for sampler_speed.json and .md")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    pipe = load_pipeline(args.model)
-    pipe.set_progress_bar_config(disable=True)
     prompts = eval_prompts("pair", args.batch)
-    cond, uncond = encode_prompts(pipe, prompts, args.guidance)
-    context = torch.cat([uncond, cond]) if uncond is not None else cond
-    size = pipe.unet.config.sample_size
-    latents = torch.randn(len(prompts), pipe.unet.config.in_channels, size, size).to(pipe.unet.device,
-                                                                                      pipe.unet.dtype)
-    unet_in = torch.cat([latents] * (2 if uncond is not None else 1))
-    report = {"device": str(pipe.unet.device), "batch": args.batch, "guidance": args.guidance,
-              "repeats": args.repeats, "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-              "model": args.model, "steps": {}}
-
+    report = {"device": "cpu", "batch": args.batch, "guidance": args.guidance, "repeats": args.repeats,
+              "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "families": {}}
     with torch.no_grad():
-        for steps in (4, 50):
-            timesteps = uniform_timesteps(pipe.scheduler.config.num_train_timesteps, steps)
-
-            def floor():
-                for t in timesteps:
-                    pipe.unet(unet_in, t, encoder_hidden_states=context)
-                pipe.vae.decode(latents / pipe.vae.config.scaling_factor)
-
-            def ours():
-                decode(pipe, sample_latents(pipe, cond, uncond, steps=steps, guidance=args.guidance))
-
-            def diffusers_ddim():
-                pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, num_inference_steps=steps,
-                     guidance_scale=args.guidance, output_type="pt")
-
-            runs = {"floor": [], "r0": [], "diffusers": []}
-            floor(), ours(), diffusers_ddim()  # warm-up
-            for _ in range(args.repeats):
-                for name, fn in (("floor", floor), ("r0", ours), ("diffusers", diffusers_ddim)):
-                    runs[name].append(timed(fn))
-            median = {name: statistics.median(t) for name, t in runs.items()}
-            report["steps"][steps] = {**{f"{k}_s": round(v, 4) for k, v in median.items()},
-                                      "r0_over_floor": median["r0"] / median["floor"],
-                                      "r0_over_diffusers": median["r0"] / median["diffusers"]}
-            print(f"{steps:3d} steps: R0 {median['r0']:.3f}s, floor {median['floor']:.3f}s, diffusers "
-                  f"{median['diffusers']:.3f}s -> R0/floor {median['r0'] / median['floor']:.3f}, "
-                  f"R0/diffusers {median['r0'] / median['diffusers']:.3f}")
+        for family in args.families.split(","):
+            pipe = family_pipeline(family)
+            report["device"] = str(backbone(pipe).device)
+            report["families"][family] = {}
+            for steps in (4, 50):
+                r = measure(pipe, prompts, steps, args.guidance, args.repeats)
+                report["families"][family][steps] = r
+                print(f"{family} {steps:3d} steps: R0/floor {r['r0_over_floor']:.3f}, "
+                      f"R0/diffusers {r['r0_over_diffusers']:.3f}", flush=True)
     text = markdown(report)
     paths = write_results("sampler_speed", report, text, args.results)
     print(text + f"\nwrote {', '.join(paths)}")

@@ -10,37 +10,16 @@ import torch
 
 from r0_core.family import conditioning, denoiser, sampler_sigmas, start_latents
 from r0_core.generate import generate
-from r0_core.loading import TINY, TINY_PIPELINE_DIR
+from r0_core.loading import TINY
 from r0_core.sampler import flow_noise_scaling, sample_r0
+from r0_core.tiny.architectures import random_pipeline
 
 PROMPTS = ["a red circle on the left", "a blue square above a yellow triangle"]
 
 
 @pytest.fixture(scope="module")
 def pipe():
-    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
-                           StableDiffusion3Pipeline)
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
-
-    torch.manual_seed(0)
-    tokenizer = CLIPTokenizer.from_pretrained(os.path.join(TINY_PIPELINE_DIR, "tokenizer"))
-    text = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                          num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length,
-                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                          pad_token_id=tokenizer.pad_token_id, projection_dim=32)
-    # both CLIPs' hidden states side by side (64) are the joint attention input; their pooled outputs, too
-    transformer = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
-                                        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=64,
-                                        caption_projection_dim=16, pooled_projection_dim=64, pos_embed_max_size=16)
-    vae = AutoencoderKL(block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4,
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        scaling_factor=1.5, shift_factor=0.1)
-    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-                                    vae=vae, text_encoder=CLIPTextModelWithProjection(text), tokenizer=tokenizer,
-                                    text_encoder_2=CLIPTextModelWithProjection(text), tokenizer_2=tokenizer,
-                                    text_encoder_3=None, tokenizer_3=None)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(torch.float32)
+    return random_pipeline("sd3")
 
 
 @pytest.mark.parametrize("guidance", [1.0, 3.0])
