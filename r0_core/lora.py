@@ -1,5 +1,5 @@
-"""LoRA adapters on a diffusers `UNet2DConditionModel` (or an SD3 transformer): train one (peft, through diffusers' `unet.add_adapter`),
-measure how far it moves the weights, export it as ONE kohya-format safetensors file that both diffusers'
+"""LoRA adapters on a diffusers `UNet2DConditionModel` (or an SD3 transformer): train one (peft, through diffusers'
+`unet.add_adapter`), measure how far it moves the weights, export it as ONE safetensors file that both diffusers'
 `pipe.load_lora_weights` and ComfyUI's LoraLoader read, load such files back as named adapters, and choose which
 adapters a cached pipeline applies.
 
@@ -441,7 +441,8 @@ def _check_lora_file(pipe, path: str) -> None:
         state = state[0] if isinstance(state, tuple) else state   # SD 1.x/SDXL also return network alphas
     except Exception as e:
         raise LoraError(f"{path} holds LoRA weights in a layout diffusers cannot convert ({type(e).__name__}: "
-                        f"{e}); expected a kohya (lora_unet_*) or diffusers (unet.* / transformer.*) LoRA for this model family") from e
+                        f"{e}); expected a kohya (lora_unet_*) or diffusers (unet.* / transformer.*) LoRA for this "
+                        f"model family") from e
     bad = sorted(k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point()
                  and not torch.isfinite(v).all())
     if bad:

@@ -391,8 +391,9 @@ def save_rpo_curve(out_dir: str, history: list[dict], validations: list[dict], c
 def train_rpo(pipe, encoder: RewardModel, references: torch.Tensor, config: RPOConfig, out_dir: str,
               lora_path: Optional[str] = None, callback: Optional[Callable[[dict], None]] = None,
               accelerator=None, adapter: str = "rpo", overwrite: bool = False) -> RPOResult:
-    """Fine-tune the pipeline's backbone (its UNet, or an SD3 pipeline's transformer) on the subject in `references` ([N, 3, H, W] in 0..1 at the model's size), with the
-    λ-Harmonic reward on `encoder` (any scorer with image_embeds and text_embeds: CLIP, ALIGN, ...).
+    """Fine-tune the pipeline's backbone (its UNet, or an SD3 pipeline's transformer) on the subject in
+    `references` ([N, 3, H, W] in 0..1 at the model's size), with the λ-Harmonic reward on `encoder` (any scorer
+    with image_embeds and text_embeds: CLIP, ALIGN, ...).
     Checkpoints to out_dir and resumes from it; the best validated weights end up in the backbone (adapter
     `adapter`, left active) and in lora_path. callback({"i", "total", "loss", ...}) after each iteration;
     raising Cancelled there saves the state and the best LoRA so far (as *_partial). A run resumes only with the

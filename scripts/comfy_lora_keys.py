@@ -171,7 +171,8 @@ def main():
              f"Command: `{report['command']}` (commit {commit}).", "",
              "Every supported target (UNets: lora.ALL + lora.EXTRA; SD3: attention and feed-forward), rank 4, "
              "random factors; each family's block structure at small widths.", "",
-             "| family | LoRA modules in the file | mapped by ComfyUI | patched weights (SD3: q, k, v share one) | \"not loaded\" messages | "
+             "| family | LoRA modules in the file | mapped by ComfyUI | patched weights (SD3: q, k, v share one) | "
+             "\"not loaded\" messages | "
              "max abs(patched − (W + α/r·up·down)) |", "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['family']} | {r['lora_modules']} | {r['mapped']} | {r['patched']} | "

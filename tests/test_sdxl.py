@@ -91,7 +91,8 @@ def test_test_time_r0_refines_sdxl_noise(pipe):
 
     prompt = PROMPTS[1]
     # the tiny aesthetic head: CLIP score is clipped at 0, where this random model's images sit
-    result = refine_noise(pipe, load_reward("aesthetic", TINY), prompt, iterations=2, steps=2, seed=7, cfg_reward_weight=1.0)
+    result = refine_noise(pipe, load_reward("aesthetic", TINY), prompt, iterations=2, steps=2, seed=7,
+                          cfg_reward_weight=1.0)
     plain, _ = generate(pipe, [prompt], steps=2, seeds=[7])
     assert (result.initial_images - plain).abs().max() < 1e-5     # iterate 0 is the plain sample
     # the gradient reached the start noise through SDXL's conditioning: later iterates score differently
