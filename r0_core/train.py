@@ -466,6 +466,84 @@ def save_r0_curve(out_dir: str, history: list[dict], names: list[str], write: bo
                        "reg_weight·‖θ−θ0‖²": (steps, [h["reg"] for h in history])}, write=write)
 
 
+@dataclass
+class R0Run:
+    """Everything an R0 step uses, made once by `prepare_r0`."""
+    pipe: object
+    reward: Optional[RewardModel]
+    config: R0Config
+    accelerator: object
+    trainable: Trainable
+    optimizer: torch.optim.Optimizer
+    ema: Optional[EMAModel]
+    unet: torch.nn.Module                 # the backbone, as the accelerator wrapped it
+    model: Callable                       # its σ-denoiser (checkpointed): the generator's steps
+    base: Optional[Callable]              # the pretrained σ-denoiser, for the implicit CFG reward
+    cfg: Optional[ImplicitCFG]
+    alphas_cumprod: Optional[torch.Tensor]   # the implicit CFG reward's levels (None: a flow model)
+    sigmas: torch.Tensor
+    shape: tuple                          # the global batch's latents
+    part: slice                           # this process's rows of it
+    flow: bool
+    normalize: bool
+
+
+def prepare_r0(pipe, reward: Optional[RewardModel], config: R0Config, accelerator, adapter: str) -> R0Run:
+    """Freeze what stays frozen, add the trained weights (a LoRA adapter or the whole backbone), the optimizer
+    and EMA, and the denoisers and schedule the steps use."""
+    pipe.vae.requires_grad_(False)
+    for encoder in text_encoders(pipe):
+        encoder.requires_grad_(False)
+    # R0 trains on the base backbone alone (add_lora leaves only the new adapter active): say so if LoRAs were on
+    others = [n for n, _ in lora.active_loras(pipe) if n != adapter]
+    if others:
+        logger.warning("R0 trains on the base UNet: the active LoRA(s) %s take no part in training or in the "
+                       "saved LoRA; apply them again beside it afterwards", ", ".join(others))
+    net, flow = backbone(pipe), is_flow(pipe)
+    trainable = Trainable(net, config, adapter, keep_pretrained=config.cfg_reward_weight > 0)
+    optimizer = torch.optim.AdamW(trainable.params, lr=config.lr, betas=(config.adam_beta1, 0.999), weight_decay=0.0)
+    ema = EMAModel(trainable.params, decay=config.ema_decay) if config.ema_decay else None
+    unet, optimizer = accelerator.prepare(net, optimizer)
+    generator = denoiser(pipe, unet)
+    cfg = config.implicit_cfg
+    base = denoiser(pipe, trainable.frozen if trainable.full else unet) \
+        if cfg is not None else None   # the pretrained model, asked inside `pretrained(trainable)`
+    normalize = config.normalize_gradients
+    if normalize is None:
+        normalize = getattr(reward, "normalize_gradients", True)
+    return R0Run(pipe, reward, config, accelerator, trainable, optimizer, ema, unet,
+                 checkpointed(generator) if config.gradient_checkpointing else generator, base, cfg,
+                 None if flow else pipe.scheduler.alphas_cumprod, sampler_sigmas(pipe, config.steps).to(net.device),
+                 latent_shape(pipe, config.batch_size, config.height, config.width),
+                 share(accelerator, config.batch_size), flow, normalize)
+
+
+def r0_step(run: R0Run, iteration: int, gen: torch.Generator) -> dict:
+    """One R0 iteration (the module docstring's steps 1-5); returns its history entry."""
+    config = run.config
+    picks = torch.randint(len(config.prompts), (config.batch_size,), generator=gen).tolist()
+    prompts = [config.prompts[i] for i in picks][run.part]
+    with torch.no_grad():
+        c = conditioning(run.pipe, prompts, config.guidance, config.height, config.width,
+                         with_uncond=run.cfg is not None)
+    run.unet.train()
+    with run.accelerator.autocast():
+        latents = generator_latents(run.model, config, c, run.shape, run.sigmas, gen, run.part, run.flow)
+        images = (checkpointed(decode) if config.gradient_checkpointing else decode)(run.pipe, latents)
+        direction = None
+        if run.cfg is not None:
+            with pretrained(run.trainable):
+                direction = run.cfg.direction(run.base, latents, c, run.alphas_cumprod, gen, run.part,
+                                              config.batch_size)
+        loss, rewards = reward_loss(run.reward, images, prompts, run.normalize, run.cfg, latents, direction)
+        reg = config.reg_weight * run.trainable.delta_norm2()
+    optimizer_step(run.accelerator, run.trainable, run.optimizer, loss + reg, config.grad_clip)
+    if run.ema is not None:
+        run.ema.step(run.trainable.params)  # diffusers' EMA: decay min(ema_decay, (1 + n) / (10 + n)) at update n
+    return {"iteration": iteration + 1, "loss": float(loss.detach()), "reg": float(reg.detach()),
+            "rewards": [float(r) for r in rewards]}
+
+
 def train_r0(pipe, reward: Optional[RewardModel], config: R0Config, out_dir: str, lora_path: Optional[str] = None,
              callback: Optional[Callable[[dict], None]] = None, accelerator=None, adapter: str = "r0",
              overwrite: bool = False) -> TrainResult:
@@ -480,70 +558,23 @@ def train_r0(pipe, reward: Optional[RewardModel], config: R0Config, out_dir: str
     accelerator = accelerator or make_accelerator(config.mixed_precision, backbone(pipe).device)
     lora_path = lora_path or os.path.join(out_dir, "r0_lora.safetensors")
     check_target(lora_path, out_dir, overwrite)
-    normalize = config.normalize_gradients
-    if normalize is None:
-        normalize = getattr(reward, "normalize_gradients", True)
     os.makedirs(out_dir, exist_ok=True)
     with torch.inference_mode(False), torch.enable_grad():  # ComfyUI runs nodes in inference mode
-        pipe.vae.requires_grad_(False)
-        for encoder in text_encoders(pipe):
-            encoder.requires_grad_(False)
-        # R0 trains on the base UNet alone (add_lora leaves only the new adapter active): say so if LoRAs were on
-        others = [n for n, _ in lora.active_loras(pipe) if n != adapter]
-        if others:
-            logger.warning("R0 trains on the base UNet: the active LoRA(s) %s take no part in training or in the "
-                           "saved LoRA; apply them again beside it afterwards", ", ".join(others))
-        net, flow = backbone(pipe), is_flow(pipe)
-        fingerprint = run_fingerprint(config, net, reward)
-        trainable = Trainable(net, config, adapter, keep_pretrained=config.cfg_reward_weight > 0)
-        optimizer = torch.optim.AdamW(trainable.params, lr=config.lr, betas=(config.adam_beta1, 0.999),
-                                      weight_decay=0.0)
-        ema = EMAModel(trainable.params, decay=config.ema_decay) if config.ema_decay else None
-        unet, optimizer = accelerator.prepare(net, optimizer)
-        alphas_cumprod = None if flow else pipe.scheduler.alphas_cumprod   # the implicit CFG reward's levels
-        generator = denoiser(pipe, unet)
-        model = checkpointed(generator) if config.gradient_checkpointing else generator
-        cfg = config.implicit_cfg
-        base = denoiser(pipe, trainable.frozen if trainable.full else unet) \
-            if cfg is not None else None   # the pretrained model, asked inside `pretrained(trainable)`
-        sigmas = sampler_sigmas(pipe, config.steps).to(unet.device)
-        shape = latent_shape(pipe, config.batch_size, config.height, config.width)   # the global batch
-        part = share(accelerator, config.batch_size)
-
-        def step(iteration: int, gen: torch.Generator) -> dict:
-            picks = torch.randint(len(config.prompts), (config.batch_size,), generator=gen).tolist()
-            prompts = [config.prompts[i] for i in picks][part]
-            with torch.no_grad():
-                c = conditioning(pipe, prompts, config.guidance, config.height, config.width,
-                                 with_uncond=cfg is not None)
-            unet.train()
-            with accelerator.autocast():
-                latents = generator_latents(model, config, c, shape, sigmas, gen, part, flow)
-                images = (checkpointed(decode) if config.gradient_checkpointing else decode)(pipe, latents)
-                direction = None
-                if cfg is not None:
-                    with pretrained(trainable):
-                        direction = cfg.direction(base, latents, c, alphas_cumprod, gen, part, config.batch_size)
-                loss, rewards = reward_loss(reward, images, prompts, normalize, cfg, latents, direction)
-                reg = config.reg_weight * trainable.delta_norm2()
-            optimizer_step(accelerator, trainable, optimizer, loss + reg, config.grad_clip)
-            if ema is not None:
-                ema.step(trainable.params)  # diffusers' EMA: decay min(ema_decay, (1 + n) / (10 + n)) at update n
-            return {"iteration": iteration + 1, "loss": float(loss.detach()), "reg": float(reg.detach()),
-                    "rewards": [float(r) for r in rewards]}
-
-        history, cancelled = run_iterations(config, trainable, optimizer, accelerator, out_dir, fingerprint, step,
-                                            callback, {"ema": ema} if ema is not None else {})
-
-        unet.eval()
-        accelerator.unwrap_model(unet)
-        if ema is not None:
-            ema.copy_to(trainable.params)  # what is saved and left in the pipeline: the averaged weights
-        curve = save_r0_curve(out_dir, history, reward_names(reward, cfg), accelerator.is_main_process)
+        fingerprint = run_fingerprint(config, backbone(pipe), reward)   # before any adapter is added
+        run = prepare_r0(pipe, reward, config, accelerator, adapter)
+        history, cancelled = run_iterations(config, run.trainable, run.optimizer, accelerator, out_dir, fingerprint,
+                                            lambda iteration, gen: r0_step(run, iteration, gen), callback,
+                                            {"ema": run.ema} if run.ema is not None else {})
+        run.unet.eval()
+        accelerator.unwrap_model(run.unet)
+        if run.ema is not None:
+            run.ema.copy_to(run.trainable.params)  # what is saved and left in the pipeline: the averaged weights
+        curve = save_r0_curve(out_dir, history, reward_names(reward, run.cfg), accelerator.is_main_process)
         metadata = {"r0_config": json.dumps({k: v for k, v in dataclasses.asdict(config).items()
                                              if k != "prompts"}, default=str),
                     "r0_iterations": str(len(history))}
-        result_path = save_trained(pipe, trainable, accelerator, out_dir, lora_path, adapter, cancelled, metadata)
+        result_path = save_trained(pipe, run.trainable, accelerator, out_dir, lora_path, adapter, cancelled,
+                                   metadata)
     return TrainResult(result_path, curve, history, cancelled)
 
 
