@@ -238,10 +238,12 @@ def reward_names(reward: Optional[RewardModel], cfg: Optional[ImplicitCFG]) -> l
     return [type(s).__name__ for s in scorers] + (["implicit CFG gap (RMS)"] if cfg is not None else [])
 
 
-def text_encoders(pipe) -> list:
-    """The pipeline's text encoders (SDXL has two), which every trainer keeps frozen."""
-    return [m for m in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None))
-            if m is not None]
+def freeze_encoders(pipe) -> None:
+    """The VAE and every text encoder (SDXL and SD3 have two) stay frozen in every trainer."""
+    for module in (pipe.vae, getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None),
+                   getattr(pipe, "text_encoder_3", None)):
+        if module is not None:
+            module.requires_grad_(False)
 
 
 class Trainable:
@@ -491,9 +493,7 @@ class R0Run:
 def prepare_r0(pipe, reward: Optional[RewardModel], config: R0Config, accelerator, adapter: str) -> R0Run:
     """Freeze what stays frozen, add the trained weights (a LoRA adapter or the whole backbone), the optimizer
     and EMA, and the denoisers and schedule the steps use."""
-    pipe.vae.requires_grad_(False)
-    for encoder in text_encoders(pipe):
-        encoder.requires_grad_(False)
+    freeze_encoders(pipe)
     # R0 trains on the base backbone alone (add_lora leaves only the new adapter active): say so if LoRAs were on
     others = [n for n, _ in lora.active_loras(pipe) if n != adapter]
     if others:

@@ -49,8 +49,8 @@ from r0_core.family import backbone, conditional, conditioning, diffusion_loss, 
 from r0_core.generate import generate
 from r0_core.rewards import LambdaHarmonic, RewardModel
 from r0_core.rewards.composite import lambda_harmonic
-from r0_core.train import (Trainable, check_target, make_accelerator, optimizer_step, run_fingerprint,
-                           run_iterations, save_curve, save_trained, share, text_encoders)
+from r0_core.train import (Trainable, check_target, freeze_encoders, make_accelerator, optimizer_step,
+                           run_fingerprint, run_iterations, save_curve, save_trained, share)
 
 from .dreambench import strip_token
 
@@ -388,6 +388,65 @@ def save_rpo_curve(out_dir: str, history: list[dict], validations: list[dict], c
                       top_label="validation reward", write=write)
 
 
+@dataclass
+class RPORun:
+    """Everything an RPO step uses, made once by `prepare_rpo`."""
+    pipe: object
+    config: RPOConfig
+    accelerator: object
+    trainable: Trainable
+    optimizer: torch.optim.Optimizer
+    unet: torch.nn.Module                 # the backbone, as the accelerator wrapped it
+    data: PreferenceData
+    frozen: Callable                      # frozen() -> the model before training (a context manager)
+    val_reward: LambdaHarmonic
+    selection: Selection
+    part: slice                           # this process's rows of the global batch
+
+
+def prepare_rpo(pipe, encoder: RewardModel, references: torch.Tensor, config: RPOConfig, accelerator, adapter: str,
+                out_dir: str) -> tuple[RPORun, str]:
+    """The preference data (made by the frozen model, before any weight moves), the trained weights on top of
+    the LoRAs already active, the optimizer and the validation selection; and the run's fingerprint."""
+    freeze_encoders(pipe)
+    net = backbone(pipe)
+    references = references.float().to(net.device)
+    on = scorer_device(encoder)
+    others = [(n, w) for n, w in lora.active_loras(pipe) if n != adapter]
+    pictures = hashlib.sha256(references.cpu().numpy().tobytes()).hexdigest()
+    fingerprint = run_fingerprint(config, net, encoder, adapters=[n for n, _ in others], extra=f"{others}{pictures}")
+    data = preference_data(pipe, config, LambdaHarmonic(encoder, config.lambda_train, references.to(on)), references)
+    frozen_unet = copy.deepcopy(net).requires_grad_(False).eval() if config.lora_rank == 0 else None
+    trainable = Trainable(net, config, adapter)
+    if not trainable.full:
+        lora.use_loras(pipe, others + [(adapter, 1.0)])
+    if config.gradient_checkpointing:
+        net.enable_gradient_checkpointing()
+    optimizer = torch.optim.AdamW(trainable.params, lr=config.lr, weight_decay=1e-2)
+    unet, optimizer = accelerator.prepare(net, optimizer)
+    keep_in = out_dir if config.keep_validated and accelerator.is_main_process else None   # one writer
+    run = RPORun(pipe, config, accelerator, trainable, optimizer, unet, data,
+                 lambda: frozen_model(pipe, others, adapter, frozen_unet),
+                 LambdaHarmonic(encoder, config.lambda_val, references.to(on)), Selection(trainable, keep_in),
+                 share(accelerator, config.batch_size))
+    return run, fingerprint
+
+
+def rpo_step(run: RPORun, iteration: int, gen: torch.Generator) -> dict:
+    """One RPO iteration: draw labelled pairs, step on L_sim + L_pref (+ prior), validate on schedule."""
+    config = run.config
+    pairs = draw_pairs(run.data, config, run.pipe.scheduler, gen, run.part)
+    run.unet.train()
+    with run.accelerator.autocast():
+        losses = rpo_loss(run.pipe, run.unet, run.frozen, pairs, run.data, config)
+    optimizer_step(run.accelerator, run.trainable, run.optimizer, losses["loss"], 1.0)
+    if (iteration + 1) % config.validate_every == 0 or iteration + 1 == config.iterations:
+        run.unet.eval()
+        run.selection.update(iteration + 1, validate(run.pipe, config, run.val_reward, config.seed * 100_003 + 50_000))
+    return {"iteration": iteration + 1, **{k: float(v.detach()) for k, v in losses.items()},
+            "labels": float(pairs["labels"].mean())}
+
+
 def train_rpo(pipe, encoder: RewardModel, references: torch.Tensor, config: RPOConfig, out_dir: str,
               lora_path: Optional[str] = None, callback: Optional[Callable[[dict], None]] = None,
               accelerator=None, adapter: str = "rpo", overwrite: bool = False) -> RPOResult:
@@ -400,70 +459,34 @@ def train_rpo(pipe, encoder: RewardModel, references: torch.Tensor, config: RPOC
     same settings, UNet (with the LoRAs it trains on), encoder and references (OtherRun otherwise), and never
     replaces a LoRA file it did not make unless overwrite=True (FileExistsError)."""
     check_inputs(pipe, references, config)
-    net = backbone(pipe)
-    accelerator = accelerator or make_accelerator(config.mixed_precision, net.device)
+    accelerator = accelerator or make_accelerator(config.mixed_precision, backbone(pipe).device)
     lora_path = lora_path or os.path.join(out_dir, "rpo_lora.safetensors")
     check_target(lora_path, out_dir, overwrite)
     os.makedirs(out_dir, exist_ok=True)
-
     with torch.inference_mode(False), torch.enable_grad():
-        pipe.vae.requires_grad_(False)
-        for text_encoder in text_encoders(pipe):
-            text_encoder.requires_grad_(False)
-        references = references.float().to(net.device)
-        on = scorer_device(encoder)
-        val_reward = LambdaHarmonic(encoder, config.lambda_val, references.to(on))
-        others = [(n, w) for n, w in lora.active_loras(pipe) if n != adapter]
-        pictures = hashlib.sha256(references.cpu().numpy().tobytes()).hexdigest()
-        fingerprint = run_fingerprint(config, net, encoder, adapters=[n for n, _ in others],
-                                      extra=f"{others}{pictures}")
-        data = preference_data(pipe, config, LambdaHarmonic(encoder, config.lambda_train, references.to(on)),
-                               references)
-
-        frozen_unet = copy.deepcopy(net).requires_grad_(False).eval() if config.lora_rank == 0 else None
-        trainable = Trainable(net, config, adapter)
-        if not trainable.full:
-            lora.use_loras(pipe, others + [(adapter, 1.0)])
-        if config.gradient_checkpointing:
-            net.enable_gradient_checkpointing()
-        optimizer = torch.optim.AdamW(trainable.params, lr=config.lr, weight_decay=1e-2)
-        unet, optimizer = accelerator.prepare(net, optimizer)
-        part = share(accelerator, config.batch_size)
-        scheduler = pipe.scheduler  # its training timesteps, drawn per pair
-        keep_in = out_dir if config.keep_validated and accelerator.is_main_process else None   # one writer
-        selection = Selection(trainable, keep_in)
-
-        def step(iteration: int, gen: torch.Generator) -> dict:
-            pairs = draw_pairs(data, config, scheduler, gen, part)
-            unet.train()
-            with accelerator.autocast():
-                losses = rpo_loss(pipe, unet, lambda: frozen_model(pipe, others, adapter, frozen_unet), pairs,
-                                  data, config)
-            optimizer_step(accelerator, trainable, optimizer, losses["loss"], 1.0)
-            if (iteration + 1) % config.validate_every == 0 or iteration + 1 == config.iterations:
-                unet.eval()
-                selection.update(iteration + 1, validate(pipe, config, val_reward, config.seed * 100_003 + 50_000))
-            return {"iteration": iteration + 1, **{k: float(v.detach()) for k, v in losses.items()},
-                    "labels": float(pairs["labels"].mean())}
+        run, fingerprint = prepare_rpo(pipe, encoder, references, config, accelerator, adapter, out_dir)
+        selection = run.selection
 
         def report(info: dict) -> None:
             if callback is not None:
                 callback({**info, "validation": selection.validations[-1] if selection.validations else None})
 
-        history, cancelled = run_iterations(config, trainable, optimizer, accelerator, out_dir, fingerprint, step,
-                                            report, extra={"selection": selection})
-        validations, best = selection.validations, selection.best
-        unet.eval()
-        accelerator.unwrap_model(unet)
+        history, cancelled = run_iterations(config, run.trainable, run.optimizer, accelerator, out_dir, fingerprint,
+                                            lambda iteration, gen: rpo_step(run, iteration, gen), report,
+                                            extra={"selection": selection})
+        best = selection.best
+        run.unet.eval()
+        accelerator.unwrap_model(run.unet)
         if config.gradient_checkpointing:
-            net.disable_gradient_checkpointing()
+            backbone(pipe).disable_gradient_checkpointing()
         if config.select_best and best["iteration"] > 0:
-            trainable.load_state_dict(best["weights"])   # keep the best validated weights, as RPO's selection does
-        curve = save_rpo_curve(out_dir, history, validations, config, accelerator.is_main_process)
+            run.trainable.load_state_dict(best["weights"])  # keep the best validated weights, as RPO's selection does
+        curve = save_rpo_curve(out_dir, history, selection.validations, config, accelerator.is_main_process)
         metadata = {"rpo_config": json.dumps(dataclasses.asdict(config), default=str),
                     "rpo_iteration": str(best["iteration"] if config.select_best else len(history))}
-        result_path = save_trained(pipe, trainable, accelerator, out_dir, lora_path, adapter, cancelled, metadata)
-    return RPOResult(result_path, curve, best["iteration"], best["score"], history, validations, cancelled)
+        result_path = save_trained(pipe, run.trainable, accelerator, out_dir, lora_path, adapter, cancelled,
+                                   metadata)
+    return RPOResult(result_path, curve, best["iteration"], best["score"], history, selection.validations, cancelled)
 
 
 # ----------------------------------------------------------------------------------------------- command line
