@@ -75,10 +75,6 @@ class FlowDenoiser(torch.nn.Module):
         super().__init__()
         self.transformer, self.num_train_timesteps = transformer, num_train_timesteps
 
-    @classmethod
-    def from_pipeline(cls, pipe) -> "FlowDenoiser":
-        return cls(pipe.transformer, pipe.scheduler.config.num_train_timesteps)
-
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, *, cond: torch.Tensor,
                 uncond: Optional[torch.Tensor] = None, guidance: float = 1.0,
                 added_cond: Optional[dict] = None, uncond_added_cond: Optional[dict] = None) -> torch.Tensor:

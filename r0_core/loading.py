@@ -65,8 +65,9 @@ def pick_device_dtype(device: Optional[str | torch.device] = None, dtype: Option
 
 # ----------------------------------------------------------------------------------------------- folders
 
-def _check_folder(folder: str, components: bool = True) -> str:
-    """The pipeline class named by a diffusers folder, after checking each component's files exist."""
+def _check_folder(folder: str, components: bool = True) -> tuple[str, dict]:
+    """The pipeline class named by a diffusers folder and its model_index.json, after checking each component's
+    files exist."""
     index_path = os.path.join(folder, "model_index.json")
     if not os.path.isfile(index_path):
         raise ModelLoadError(f"{index_path} not found: a diffusers pipeline folder needs model_index.json "
@@ -89,20 +90,18 @@ def _check_folder(folder: str, components: bool = True) -> str:
         if not os.path.isdir(sub) or not os.listdir(sub):
             raise ModelLoadError(f"{sub} is missing or empty: model_index.json lists the component "
                                  f"{component!r} ({spec[1]}); copy the whole pipeline folder")
-    return class_name
+    return class_name, index
 
 
 def _load_folder(folder: str, device, dtype):
     import diffusers
 
-    class_name = _check_folder(folder)
+    class_name, index = _check_folder(folder)
     pipeline_class = getattr(diffusers, SUPPORTED_PIPELINES[class_name])
     kwargs = {"safety_checker": None, "requires_safety_checker": False} if class_name == "StableDiffusionPipeline" \
         else {}
     if class_name == "StableDiffusion3Pipeline":
         # parts the folder leaves out (SD3 without its T5 encoder, no IP-Adapter image encoder) are passed as None
-        with open(os.path.join(folder, "model_index.json")) as f:
-            index = json.load(f)
         kwargs = {name: None for name in ("text_encoder_3", "tokenizer_3", "image_encoder", "feature_extractor")
                   if index.get(name, [None])[0] is None}
     try:
@@ -266,7 +265,7 @@ def _load_single_file(path: str, device, dtype, tokenizer_dir: Optional[str]):
         if architecture == "sdxl":
             extra["tokenizer_2"] = _load_tokenizer(tokenizer_dir, architecture)
             extra["tokenizer_2"].pad_token = "!"  # SDXL's OpenCLIP tokenizer pads with "!"
-    class_name = _check_folder(config, components=architecture == "tiny")  # bundled configs hold no tokenizer
+    class_name, _ = _check_folder(config, components=architecture == "tiny")  # bundled configs hold no tokenizer
     pipeline_class = getattr(diffusers, SUPPORTED_PIPELINES[class_name])
     if "XL" not in class_name:
         extra.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)

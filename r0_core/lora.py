@@ -57,7 +57,7 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 
-from .family import backbone
+from .family import backbone, is_flow, is_sdxl
 from .files import atomic_write
 from .loading import ModelLoadError
 
@@ -436,7 +436,7 @@ def _check_lora_file(pipe, path: str) -> None:
                         f"(first keys: {', '.join(sorted(keys)[:3]) or 'none'}){hint}")
     try:
         # SDXL's load_lora_weights passes its UNet config (to rename sgm-layout kohya keys); SD 1.x/2.x's does not
-        extra = {"unet_config": pipe.unet.config} if hasattr(pipe, "text_encoder_2") and hasattr(pipe, "unet") else {}
+        extra = {"unet_config": pipe.unet.config} if is_sdxl(pipe) else {}
         state = pipe.lora_state_dict(path, local_files_only=True, **extra)
         state = state[0] if isinstance(state, tuple) else state   # SD 1.x/SDXL also return network alphas
     except Exception as e:
@@ -448,7 +448,7 @@ def _check_lora_file(pipe, path: str) -> None:
     if bad:
         raise LoraError(f"LoRA file {path} holds NaN or inf in {len(bad)} tensor(s) (first: {bad[0]}): the training "
                         f"that wrote it diverged; use an earlier checkpoint or retrain with a lower learning rate")
-    prefix = "transformer." if getattr(pipe, "transformer", None) is not None else "unet."
+    prefix = "transformer." if is_flow(pipe) else "unet."
     _check_unet_part(backbone(pipe), {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, path,
                      set(keys))
 

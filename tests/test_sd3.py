@@ -8,13 +8,10 @@ import os
 import pytest
 import torch
 
-from r0_core.family import conditioning, denoiser, sampler_sigmas, start_latents
 from r0_core.generate import generate
 from r0_core.loading import TINY
-from r0_core.sampler import flow_noise_scaling, sample_r0
 from r0_core.tiny.architectures import random_pipeline
-
-PROMPTS = ["a red circle on the left", "a blue square above a yellow triangle"]
+from tests.family_parity import PROMPTS, check_eta_0_is_diffusers
 
 
 @pytest.fixture(scope="module")
@@ -24,15 +21,7 @@ def pipe():
 
 @pytest.mark.parametrize("guidance", [1.0, 3.0])
 def test_eta_0_is_diffusers_sd3(pipe, guidance):
-    z = torch.randn(len(PROMPTS), 4, 16, 16, generator=torch.Generator().manual_seed(0))
-    theirs = pipe(PROMPTS, num_inference_steps=4, guidance_scale=guidance, latents=z.clone(), height=32, width=32,
-                  output_type="latent").images
-    sigmas = sampler_sigmas(pipe, 4)
-    with torch.no_grad():
-        extra = {**conditioning(pipe, PROMPTS, guidance), "guidance": guidance}
-        ours = sample_r0(denoiser(pipe), start_latents(z, sigmas, flow=True), sigmas, extra, disable=True, eta=0.0,
-                         noise_scaling=flow_noise_scaling)
-    assert (ours - theirs).abs().max() <= 1e-4, (ours - theirs).abs().max()
+    theirs, z = check_eta_0_is_diffusers(pipe, guidance, latent_side=16, pixels=32)
     assert (theirs - z).abs().mean() > 0.1
     images, latents = generate(pipe, PROMPTS, steps=2, guidance=guidance, seeds=[3, 4])
     assert images.shape == (2, 3, 32, 32) and 0 <= images.min() <= images.max() <= 1
