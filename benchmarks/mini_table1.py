@@ -1,8 +1,10 @@
 """R0's Table 1 in miniature, with R0's whole recipe and a distillation baseline: `python benchmarks/mini_table1.py`.
 
 Every row is one recipe, run in its own resumable process (`--row NAME`), its LoRAs and measured cells kept
-under --out/<row>; `--report` (or no --row) runs whatever rows are missing, then writes
-benchmarks/results/mini_table1.json and .md (r0_core.tiny.protocol.write_results).
+under --out/<row>, and its per-image outcomes and training seconds also in benchmarks/results/mini_table1_runs/
+<row>.json (benchmarks/kept.py: commit it; a rerun with the same settings reads it instead of recomputing);
+`--report` (or no --row) runs whatever rows are missing, then writes benchmarks/results/mini_table1.json and .md
+(r0_core.tiny.protocol.write_results).
 
 Rows (4 sampler steps unless named; the generator runs without CFG, one UNet call a step):
   base-50-cfg, base-4-cfg, base-4   the base model (R0 sampler at η = 0 = DDIM), 50 steps CFG 2, 4 steps with
@@ -37,6 +39,7 @@ import time
 import numpy as np
 import torch
 
+import kept
 import nfe_plot
 from r0_core import lora
 from r0_core.lcm import LCMConfig, train_lcm
@@ -151,9 +154,10 @@ def train_r0_row(args, pipe_loader, rewards, config: R0Config, weights: dict, fo
 
 def select(args, rewards, pipe) -> dict:
     """The full mix's lr, implicit CFG weight and iterations, chosen on the validation half."""
-    path = os.path.join(args.out, "select", "chosen.json")
-    if os.path.exists(path):
-        return json.load(open(path))
+    key = {k: getattr(args, k) for k in ("lr", "cfg_reward_weight", "iterations", "val_seeds", "batch_size",
+                                          "rank", "reg_weight")} | {"weights": weights_fingerprint(TINY_PIPELINE_DIR)}
+    if (done := kept.load("mini_table1", "select", key)) is not None:
+        return done
     rows = []
     for lr, weight in itertools.product(args.lr, args.cfg_reward_weight):
         for iterations in sorted(args.iterations):
@@ -176,15 +180,33 @@ def select(args, rewards, pipe) -> dict:
             print(f"validation lr {lr:g} cfg {weight:g} {iterations} it.: {rows[-1]['score']:.1%}", flush=True)
     best = max(rows, key=lambda r: r["score"])
     out = {k: best[k] for k in ("lr", "cfg_reward_weight", "iterations")} | {"validation": rows}
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(out, f, indent=1)
+    kept.save("mini_table1", "select", key, out)
     return out
 
 
 # ----------------------------------------------------------------------------------------------- rows
 
 def run_row(args, name: str, rewards, pipe) -> dict:
+    """One row's measured cells on the test half: its kept record, or trained (if it is) and measured now."""
+    kind = ROWS[name][0]
+    key = {"row": ROWS[name], "seeds": args.seeds, "weights": weights_fingerprint(TINY_PIPELINE_DIR)}
+    if kind != "base":
+        key |= {k: getattr(args, k) for k in ("train_seeds", "batch_size", "rank", "reg_weight")}
+        key |= {"chosen": {k: v for k, v in select(args, rewards, pipe).items() if k != "validation"}}
+    key |= {"refine_iterations": args.refine_iterations} if kind == "test-time" else {}
+    key |= {"lcm_images": args.lcm_images} if kind == "lcm" else {}
+    if (done := kept.load("mini_table1", name, key)) is None:
+        done = measure_row(args, name, rewards, pipe)
+        done["cells"] = {seed: {k: {m: c[k][m] for m in METRICS} for k in c} for seed, c in done["cells"].items()}
+        done.pop("loras", None)
+        print(f"kept {kept.save('mini_table1', name, key, done)}: commit it", flush=True)
+    as_arrays = {int(seed): {k: {m: np.asarray(v) for m, v in c.items()} for k, c in cells_.items()}
+                 for seed, cells_ in done["cells"].items()}
+    seconds = {int(seed): t for seed, t in (done.get("train_seconds") or {}).items()}
+    return done | {"cells": as_arrays, "train_seconds": seconds or done.get("train_seconds")}
+
+
+def measure_row(args, name: str, rewards, pipe) -> dict:
     """Measure one row on the test half (training it first if it is trained); cached under --out/<name>."""
     kind, change = ROWS[name]
     folder = os.path.join(args.out, name)
@@ -235,10 +257,10 @@ def run_row(args, name: str, rewards, pipe) -> dict:
 
 
 def trained_seconds(args, row: str, seed: int) -> float:
-    meta = os.path.join(args.out, row, f"seed{seed}", "seconds.json")
-    if not os.path.exists(meta):
+    record = kept.path("mini_table1", row)
+    if not os.path.exists(record):
         raise SystemExit(f"the lcm row is trained for as long as {row} was; run `--row {row}` first")
-    return json.load(open(meta))["seconds"]
+    return json.load(open(record))["value"]["train_seconds"][str(seed)]
 
 
 def lcm_data(args) -> tuple[torch.Tensor, list[str]]:

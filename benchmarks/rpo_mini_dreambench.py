@@ -7,7 +7,9 @@ kinds: recontextualisation, relation, attribute; only reported).
 Runs: subject x training seed (--seeds) x method: DreamBooth (the diffusion loss on the references) and RPO (plus
 the preference loss, rpo_core.train's defaults), at the same steps, learning rate, LoRA rank and validation
 schedule. Every run keeps the weights of each validation (keep_validated), so one run serves every selection.
-A run is a folder under --out: a finished run is reused and a stopped one resumes (rerun the same command);
+A run is a folder under --out: a finished run is reused and a stopped one resumes (rerun the same command); a
+finished run's outcomes are also kept in benchmarks/results/rpo_mini_dreambench_runs/ (benchmarks/kept.py: commit
+them; a rerun with the same settings reads them instead of retraining);
 --subjects and --seeds split the runs across processes; --tables reports what is there.
 Selection, one rule for both methods: the checkpoint with the best λ_val-Harmonic reward (tiny CLIP) on the
 validation prompts, for each λ_val of --lambdas; and the last step.
@@ -24,6 +26,7 @@ Writes benchmarks/results/rpo_mini_dreambench.json and .md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -31,14 +34,17 @@ import time
 import numpy as np
 import torch
 
+import kept
+
 from r0_core import lora
 from r0_core.files import atomic_write
 from r0_core.generate import generate
-from r0_core.loading import TINY, load_pipeline
+from r0_core.loading import TINY, TINY_PIPELINE_DIR, load_pipeline
 from r0_core.rewards import load_reward
 from r0_core.tiny import protocol, subjects
 from rpo_core.dreambench import strip_token
 from rpo_core.train import RPOConfig, load_validated, select, train_rpo
+from tiny_quality import weights_fingerprint
 
 METHODS = ("dreambooth", "rpo")
 FIGURES = ("subject_ok", "prompt_ok", "both_ok", "valid", "clip_i", "clip_t")
@@ -82,8 +88,7 @@ def evaluate(pipe, subject, scorer, references, per_prompt: int, seed: int = 10_
 def run(subject, method: str, seed: int, args, scorer) -> dict:
     """Train (or resume, or reuse) one run, then evaluate its selections and its curve; cached in its folder."""
     folder = os.path.join(args.out, subject.name, f"{method}-seed{seed}")
-    done = read_json(os.path.join(folder, "run.json"), None)
-    if done is not None and all(f"lambda_{lam:g}" in done["selected"] for lam in args.lambdas):
+    if (done := kept.load("rpo_mini_dreambench", f"{subject.name}-{method}-seed{seed}", kept_key(args))) is not None:
         return done
     references = torch.from_numpy(subjects.references(subject)).permute(0, 3, 1, 2).float()
     config = RPOConfig(token=subject.token, class_name=subject.shape, prompts=subjects.training_prompts(subject),
@@ -120,7 +125,16 @@ def run(subject, method: str, seed: int, args, scorer) -> dict:
             "train_seconds": timing["seconds"], "negatives": config.negatives_per_prompt * len(config.prompts),
             "evaluations": {k: evaluations[str(i)] for k, i in selected.items()}, "curve": curve}
     write_json(os.path.join(folder, "run.json"), done)
+    print(f"kept {kept.save('rpo_mini_dreambench', f'{subject.name}-{method}-seed{seed}', kept_key(args), done)}",
+          flush=True)
     return done
+
+
+def kept_key(args) -> dict:
+    """The settings a kept run was made with: the run's own, its evaluation's, and the world's weights."""
+    return {k: getattr(args, k) for k in ("iterations", "lr", "rank", "validate_every", "lambdas", "per_prompt")} | {
+        "weights": weights_fingerprint(TINY_PIPELINE_DIR),
+        "defaults": {f.name: f.default for f in dataclasses.fields(RPOConfig) if f.default is not dataclasses.MISSING}}
 
 
 # ----------------------------------------------------------------------------------------------- report
@@ -218,19 +232,17 @@ def main(argv=None):
     rows = {m: [] for m in ("base",) + METHODS}
     for subject in chosen:
         references = torch.from_numpy(subjects.references(subject)).permute(0, 3, 1, 2).float()
-        base_path = os.path.join(args.out, subject.name, "base.json")
-        base = read_json(base_path, None)
+        base = kept.load("rpo_mini_dreambench", f"{subject.name}-base", kept_key(args))
         if base is None and not args.tables:
             base = evaluate(load_pipeline(TINY), subject, scorer, references, args.per_prompt)
-            write_json(base_path, base)
+            kept.save("rpo_mini_dreambench", f"{subject.name}-base", kept_key(args), base)
         if base is not None:
             rows["base"].append({"runs": {"base": base}, "subject_index": BENCH_SUBJECTS.index(subject),
                                  "per_prompt": args.per_prompt})
         for seed in args.seeds:
             for method in METHODS:
-                folder = os.path.join(args.out, subject.name, f"{method}-seed{seed}")
-                done = (read_json(os.path.join(folder, "run.json"), None) if args.tables
-                        else run(subject, method, seed, args, scorer))
+                done = (kept.load("rpo_mini_dreambench", f"{subject.name}-{method}-seed{seed}", kept_key(args))
+                        if args.tables else run(subject, method, seed, args, scorer))
                 if done is not None:
                     rows[method].append({**done, "runs": done["evaluations"], "per_prompt": args.per_prompt,
                                          "subject_index": BENCH_SUBJECTS.index(subject)})

@@ -142,3 +142,25 @@ def test_resample_captions_gives_an_interval_around_a_statistic_and_none_for_a_c
     low, high = protocol.resample_captions(lambda idx: values[idx].mean(), groups)
     assert low < values.mean() < high
     assert all(np.isnan(protocol.resample_captions(lambda idx: float("nan"), groups)))
+
+
+def test_kept_records_round_trip_and_refuse_other_settings(tmp_path, monkeypatch):
+    """benchmarks/kept.py: a finished row's outcomes come back as written, only under the settings they were made
+    with, and a rewrite leaves no temporary file behind."""
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import kept
+    monkeypatch.setattr(kept, "ROOT", str(tmp_path))
+    key = {"row": ("r0", {"eta_range": (0.5, 0.5)}), "seeds": 8, "lr": [3e-4, 1e-3]}
+    value = {"cells": {0: {"pair": {"correct": np.array([True, False, True]), "clip": np.float32([0.1234567, 2])}}},
+             "train_seconds": {0: 597.36044}}
+    assert kept.load("bench", "row", key) is None
+    path = kept.save("bench", "row", key, value)
+    assert path == os.path.join(str(tmp_path), "bench_runs", "row.json")
+    back = kept.load("bench", "row", key)
+    assert back["cells"]["0"]["pair"]["correct"] == [1, 0, 1]
+    assert back["cells"]["0"]["pair"]["clip"] == [0.123457, 2.0] and back["train_seconds"]["0"] == 597.36
+    assert kept.load("bench", "row", key | {"seeds": 4}) is None
+    kept.save("bench", "row", key | {"seeds": 4}, {"x": 1})
+    assert kept.load("bench", "row", key | {"seeds": 4}) == {"x": 1}
+    assert os.listdir(os.path.dirname(path)) == ["row.json"]
