@@ -20,6 +20,8 @@ Rows (4 sampler steps unless named; the generator runs without CFG, one UNet cal
                                     ablations of r0-mix: no weight regularisation, η fixed at 0.5, no per-reward
                                     gradient normalisation, no implicit CFG reward;
   r0-mix-2steps                     r0-mix trained and sampled at 2 steps.
+--ship copies r0-mix's LoRA of training seed 0 (the full mix with the settings chosen on the validation half, meant
+to run at guidance 1) into the shipped tiny weights (r0_core/tiny/weights/tiny-r0-lora.safetensors).
 Settings of the full mix (lr, implicit CFG weight, iterations) are chosen once, on the **validation** half
 (`--row select`: every candidate trained with seed 0, measured at 4 steps on validation captions x --val-seeds
 seeds, the best mean accuracy of the two kinds wins); every trained row then uses them, changed only where the
@@ -34,6 +36,7 @@ import dataclasses
 import itertools
 import json
 import os
+import shutil
 import time
 
 import numpy as np
@@ -43,7 +46,7 @@ import kept
 import nfe_plot
 from r0_core import lora
 from r0_core.lcm import LCMConfig, train_lcm
-from r0_core.loading import TINY, TINY_PIPELINE_DIR, load_pipeline
+from r0_core.loading import TINY, TINY_PIPELINE_DIR, TINY_R0_LORA, load_pipeline
 from r0_core.rewards import WeightedReward, load_reward
 from r0_core.test_time import refine_noise
 from r0_core.tiny import protocol, world
@@ -188,13 +191,7 @@ def select(args, rewards, pipe) -> dict:
 
 def run_row(args, name: str, rewards, pipe) -> dict:
     """One row's measured cells on the test half: its kept record, or trained (if it is) and measured now."""
-    kind = ROWS[name][0]
-    key = {"row": ROWS[name], "seeds": args.seeds, "weights": weights_fingerprint(TINY_PIPELINE_DIR)}
-    if kind != "base":
-        key |= {k: getattr(args, k) for k in ("train_seeds", "batch_size", "rank", "reg_weight")}
-        key |= {"chosen": {k: v for k, v in select(args, rewards, pipe).items() if k != "validation"}}
-    key |= {"refine_iterations": args.refine_iterations} if kind == "test-time" else {}
-    key |= {"lcm_images": args.lcm_images} if kind == "lcm" else {}
+    key = row_key(args, name, rewards, pipe)
     if (done := kept.load("mini_table1", name, key)) is None:
         done = measure_row(args, name, rewards, pipe)
         done["cells"] = {seed: {k: {m: c[k][m] for m in METRICS} for k in c} for seed, c in done["cells"].items()}
@@ -204,6 +201,18 @@ def run_row(args, name: str, rewards, pipe) -> dict:
                  for seed, cells_ in done["cells"].items()}
     seconds = {int(seed): t for seed, t in (done.get("train_seconds") or {}).items()}
     return done | {"cells": as_arrays, "train_seconds": seconds or done.get("train_seconds")}
+
+
+def row_key(args, name: str, rewards, pipe) -> dict:
+    """The settings a row's kept record must have been made with."""
+    kind = ROWS[name][0]
+    key = {"row": ROWS[name], "seeds": args.seeds, "weights": weights_fingerprint(TINY_PIPELINE_DIR)}
+    if kind != "base":
+        key |= {k: getattr(args, k) for k in ("train_seeds", "batch_size", "rank", "reg_weight")}
+        key |= {"chosen": {k: v for k, v in select(args, rewards, pipe).items() if k != "validation"}}
+    key |= {"refine_iterations": args.refine_iterations} if kind == "test-time" else {}
+    key |= {"lcm_images": args.lcm_images} if kind == "lcm" else {}
+    return key
 
 
 def measure_row(args, name: str, rewards, pipe) -> dict:
@@ -254,6 +263,14 @@ def measure_row(args, name: str, rewards, pipe) -> dict:
                                                              weights_fingerprint(path, TINY_PIPELINE_DIR)))
                 for seed, path in runs.items()}
     return {"nfe": steps, "cells": measured, "train_seconds": seconds, "loras": runs}
+
+
+def ship(args) -> None:
+    source = os.path.join(args.out, "r0-mix", "seed0", "lora.safetensors")
+    if not os.path.exists(source):
+        raise SystemExit(f"--ship: {source} is not there; train it first with `--row r0-mix --out {args.out}`")
+    shutil.copy(source, TINY_R0_LORA)
+    print(f"shipped {source} as {TINY_R0_LORA}")
 
 
 def trained_seconds(args, row: str, seed: int) -> float:
@@ -364,18 +381,27 @@ def main(argv=None):
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--refine-iterations", type=int, default=20, help="test-time R0 iterations")
     parser.add_argument("--lcm-images", type=int, default=4096, help="rendered training images for LCM")
+    parser.add_argument("--ship", action="store_true", help="ship r0-mix's LoRA of training seed 0 (see above)")
+    parser.add_argument("--kept-only", action="store_true",
+                        help="with --report: report the rows that are kept, run none")
     parser.add_argument("--rows", default=",".join(ROWS), help="the rows of the report")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="out/benchmarks/mini_table1")
     parser.add_argument("--results", default="benchmarks/results")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.ship:
+        ship(args)
+        return
     rewards = {name: load_reward(name, TINY) for name in REWARDS}
     pipe = load_pipeline(TINY)
     if args.row == "select":
         select(args, rewards, pipe)
         return
     names = [args.row] if args.row else args.rows.split(",")
+    if args.kept_only:
+        names = [n for n in names if kept.load("mini_table1", n, row_key(args, n, rewards, pipe)) is not None]
+        print(f"kept rows: {', '.join(names)}")
     done = {name: run_row(args, name, rewards, pipe) for name in sorted(names, key=lambda n: n == "lcm")}
     rows = {name: done[name] for name in names}  # lcm ran last: its budget is r0-mix's training time
     if args.row and not args.report:

@@ -15,8 +15,7 @@ with --guidance (and with --train-guidance when it differs), R0 and R0+ at 4 ste
 base model at 4 steps with test-time R0 (`refine_noise`: the start noise optimised per image, weights untouched).
 Resumable: every run, its checkpoint LoRAs and every measured cell are kept under --out; a rerun skips them.
 Writes <results>/r0_table.json and .md (with an `nfe_curve` entry per trained row, for benchmarks/nfe_plot.py)
-and <out>/base_vs_r0.png. --ship copies the chosen R0 LoRA of training seed 0 (with the default flags: lr 1e-3,
-reg 0.1, 200 iterations, CFG 2) into the shipped weights.
+and <out>/base_vs_r0.png. (The shipped LoRA comes from mini_table1.py --ship: the full mix, no CFG.)
 """
 from __future__ import annotations
 
@@ -25,7 +24,6 @@ import dataclasses
 import functools
 import itertools
 import os
-import shutil
 
 import numpy as np
 import torch
@@ -33,7 +31,7 @@ from PIL import Image
 
 import nfe_plot
 from r0_core import lora
-from r0_core.loading import TINY, TINY_CLIP_DIR, TINY_PIPELINE_DIR, TINY_R0_LORA, load_pipeline
+from r0_core.loading import TINY, TINY_CLIP_DIR, TINY_PIPELINE_DIR, load_pipeline
 from r0_core.rewards import load_reward
 from r0_core.test_time import refine_noise
 from r0_core.tiny import protocol, world
@@ -303,13 +301,9 @@ def main(argv=None):
     parser.add_argument("--out", default="out/benchmarks/r0_table", help="runs, LoRAs and cached cells")
     parser.add_argument("--results", default="benchmarks/results", help="where r0_table.json and .md go")
     parser.add_argument("--tag", help="a variant's name: writes r0_table_<tag>.json/.md")
-    parser.add_argument("--ship", action="store_true", help="copy the chosen R0 LoRA of seed 0 into the shipped "
-                                                           "tiny weights")
     args = parser.parse_args(argv)
     args.iterations = [int(v) for v in args.iterations.split(",")]
     args.lr, args.reg_weight, modes = floats(args.lr), floats(args.reg_weight), args.modes.split(",")
-    if args.ship and "r0" not in modes:
-        parser.error(f"--ship copies the R0 LoRA, but --modes {args.modes!r} leaves R0 out; add r0")
     torch.set_num_threads(args.threads)
     scorer = load_reward("clip", TINY)
     score = functools.partial(scorer_extras, scorer)
@@ -317,7 +311,7 @@ def main(argv=None):
     groups = {k: protocol.cell(k, "test", args.seeds)[1] for k in protocol.KINDS}
 
     rows, paired_with = base_table(args, pipe, scorer, score, groups)
-    report = {"settings": {**{k: v for k, v in vars(args).items() if k not in ("out", "results", "ship")},
+    report = {"settings": {**{k: v for k, v in vars(args).items() if k not in ("out", "results")},
                            "seed": SEED, "steps": STEPS},
               "rows": rows, "paired_with": list(paired_with),
               **trained_table(args, pipe, scorer, score, groups, paired_with, modes)}
@@ -327,9 +321,6 @@ def main(argv=None):
     nfe_plot.main(["--results", args.results])
     if "r0" in modes:
         side_by_side(args, pipe, score, next(iter(paired_with.values())), report["loras"]["r0"][0])
-    if args.ship:
-        shutil.copy(report["loras"]["r0"][0], TINY_R0_LORA)
-        print(f"shipped {report['loras']['r0'][0]} as {TINY_R0_LORA}")
     print(f"wrote {', '.join(paths)}")
 
 
