@@ -1,4 +1,4 @@
-"""Convert a diffusers Stable-Diffusion-1.x pipeline to the original single-file layout.
+"""Convert a diffusers Stable-Diffusion-1.x or SD3 pipeline to the original single-file layout.
 
 The original (LDM / CompVis) layout is the one of ``v1-5-pruned-emaonly.safetensors``:
 one flat state dict with three prefixes,
@@ -7,8 +7,14 @@ one flat state dict with three prefixes,
 * ``first_stage_model.*``      - the VAE (encoder.down / decoder.up / mid.block_1 ...),
 * ``cond_stage_model.transformer.text_model.*`` - the CLIP text encoder.
 
-We write this layout because it is what ComfyUI's CheckpointLoader and diffusers'
-``StableDiffusionPipeline.from_single_file`` read, so one file works in both.
+SD3's (``sd3_medium_incl_clips*.safetensors``) keeps the VAE prefix and has
+
+* ``model.diffusion_model.*``  - the MMDiT (x_embedder, t_embedder, y_embedder, context_embedder, pos_embed,
+  joint_blocks.N.{x_block,context_block}.{attn.qkv, attn.proj, adaLN_modulation.1, mlp.fc1/fc2}, final_layer),
+* ``text_encoders.{clip_l,clip_g,t5xxl}.transformer.*`` - the text encoders, in transformers' own key names.
+
+We write these layouts because they are what ComfyUI's CheckpointLoader and diffusers'
+``from_single_file`` read, so one file works in both.
 
 The mapping is built from the modules' actual structure (number of blocks, resnets
 per block, which blocks carry attention), not from a hard-coded SD1.5 table, so small
@@ -149,13 +155,18 @@ def text_encoder_to_original(text_encoder) -> dict[str, torch.Tensor]:
 
 
 def pipeline_to_original_state_dict(pipe) -> dict[str, torch.Tensor]:
-    """Whole SD1.x pipeline (unet, vae, text_encoder) -> one original-layout state dict."""
-    out: dict[str, torch.Tensor] = {}
-    parts = (
+    """Whole SD1.x pipeline (unet, vae, text_encoder), or an SD3 one, -> one original-layout state dict."""
+    if _is_sd3(pipe):
+        return sd3_pipeline_to_original_state_dict(pipe)
+    return _prefixed((
         (UNET_PREFIX, unet_to_original(pipe.unet)),
         (VAE_PREFIX, vae_to_original(pipe.vae)),
         (CLIP_PREFIX, text_encoder_to_original(pipe.text_encoder)),
-    )
+    ))
+
+
+def _prefixed(parts) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
     for prefix, sd in parts:
         for k, v in sd.items():
             # safetensors refuses non-contiguous views and autograd-tracked tensors.
@@ -163,8 +174,154 @@ def pipeline_to_original_state_dict(pipe) -> dict[str, torch.Tensor]:
     return out
 
 
+# ----------------------------------------------------------------------------------------------- SD3
+
+SD3_TEXT_PREFIX = "text_encoders."
+# pipeline attribute -> the original file's name for that text encoder
+SD3_TEXT_ENCODERS = {"text_encoder": "clip_l", "text_encoder_2": "clip_g", "text_encoder_3": "t5xxl"}
+
+
+def _is_sd3(pipe) -> bool:
+    from diffusers import StableDiffusion3Pipeline
+
+    return isinstance(pipe, StableDiffusion3Pipeline)
+
+
+def _swap_halves(t: torch.Tensor) -> torch.Tensor:
+    """(shift, scale) <-> (scale, shift): the original AdaLayerNormContinuous splits its projection as
+    shift, scale and diffusers' as scale, shift; diffusers' reader swaps them, so the writer swaps back."""
+    first, second = t.chunk(2, dim=0)
+    return torch.cat([second, first], dim=0)
+
+
+def sd3_transformer_to_original(transformer) -> dict[str, torch.Tensor]:
+    """SD3Transformer2DModel -> ``model.diffusion_model.*`` keys (without the prefix): the exact inverse of
+    diffusers' ``convert_sd3_transformer_checkpoint_to_diffusers``."""
+    sd = transformer.state_dict()
+    plain: dict[str, str] = {}         # diffusers key -> original key
+    fused: dict[str, list[str]] = {}   # original key -> diffusers keys concatenated along dim 0 (q, k, v)
+    swapped: set[str] = set()          # original keys stored (shift, scale) where diffusers holds (scale, shift)
+
+    def rename(src: str, dst: str, only: tuple[str, ...] = ()):
+        for name in transformer.get_submodule(src).state_dict():
+            if not only or name in only:
+                plain[f"{src}.{name}"] = f"{dst}.{name}"
+
+    def fuse(srcs: list[str], dst: str):
+        for name in transformer.get_submodule(srcs[0]).state_dict():
+            fused[f"{dst}.{name}"] = [f"{src}.{name}" for src in srcs]
+
+    plain["pos_embed.pos_embed"] = "pos_embed"
+    rename("pos_embed.proj", "x_embedder.proj")
+    for diffusers_name, original in (("timestep_embedder", "t_embedder"), ("text_embedder", "y_embedder")):
+        rename(f"time_text_embed.{diffusers_name}.linear_1", f"{original}.mlp.0")
+        rename(f"time_text_embed.{diffusers_name}.linear_2", f"{original}.mlp.2")
+    rename("context_embedder", "context_embedder")
+    last = len(transformer.transformer_blocks) - 1
+    for i, block in enumerate(transformer.transformer_blocks):
+        b, x, c = f"transformer_blocks.{i}", f"joint_blocks.{i}.x_block", f"joint_blocks.{i}.context_block"
+        if block.context_pre_only != (i == last):
+            # the readers take the last block, and only it, as the one without context output
+            raise ValueError(f"{b}: context_pre_only={block.context_pre_only}, but the original layout has it on the "
+                             f"last block only")
+        fuse([f"{b}.attn.to_q", f"{b}.attn.to_k", f"{b}.attn.to_v"], f"{x}.attn.qkv")
+        fuse([f"{b}.attn.add_q_proj", f"{b}.attn.add_k_proj", f"{b}.attn.add_v_proj"], f"{c}.attn.qkv")
+        rename(f"{b}.attn.to_out.0", f"{x}.attn.proj")
+        if block.attn.to_add_out is not None:
+            rename(f"{b}.attn.to_add_out", f"{c}.attn.proj")
+        # qk norms (SD3.5): the readers take their scale alone, so a bias (a LayerNorm qk norm) stays unmapped
+        for norm, original in (("norm_q", f"{x}.attn.ln_q"), ("norm_k", f"{x}.attn.ln_k"),
+                               ("norm_added_q", f"{c}.attn.ln_q"), ("norm_added_k", f"{c}.attn.ln_k")):
+            if getattr(block.attn, norm, None) is not None:
+                rename(f"{b}.attn.{norm}", original, only=("weight",))
+        if getattr(block, "attn2", None) is not None:   # SD3.5 medium's dual-attention blocks
+            fuse([f"{b}.attn2.to_q", f"{b}.attn2.to_k", f"{b}.attn2.to_v"], f"{x}.attn2.qkv")
+            rename(f"{b}.attn2.to_out.0", f"{x}.attn2.proj")
+            for norm in ("norm_q", "norm_k"):
+                if getattr(block.attn2, norm, None) is not None:
+                    rename(f"{b}.attn2.{norm}", f"{x}.attn2.ln_{norm[-1]}", only=("weight",))
+        rename(f"{b}.norm1.linear", f"{x}.adaLN_modulation.1")
+        rename(f"{b}.norm1_context.linear", f"{c}.adaLN_modulation.1")
+        if block.context_pre_only:   # an AdaLayerNormContinuous, like the final layer's
+            swapped.update(f"{c}.adaLN_modulation.1.{name}" for name in ("weight", "bias"))
+        rename(f"{b}.ff.net.0.proj", f"{x}.mlp.fc1")
+        rename(f"{b}.ff.net.2", f"{x}.mlp.fc2")
+        if block.ff_context is not None:
+            rename(f"{b}.ff_context.net.0.proj", f"{c}.mlp.fc1")
+            rename(f"{b}.ff_context.net.2", f"{c}.mlp.fc2")
+    rename("norm_out.linear", "final_layer.adaLN_modulation.1")
+    swapped.update(f"final_layer.adaLN_modulation.1.{name}" for name in ("weight", "bias"))
+    rename("proj_out", "final_layer.linear")
+
+    out: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+    for dst, srcs in fused.items():
+        out[dst] = torch.cat([sd[src] for src in srcs], dim=0)
+        used.update(srcs)
+    for src, dst in plain.items():
+        if src in sd:
+            out[dst] = _swap_halves(sd[src]) if dst in swapped else sd[src]
+            used.add(src)
+    unknown = sorted(set(sd) - used)
+    if unknown:
+        raise ValueError(f"no original-layout mapping for diffusers key {unknown[0]!r}"
+                         + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""))
+    return out
+
+
+def sd3_text_encoder_to_original(text_encoder, name: str) -> dict[str, torch.Tensor]:
+    """One SD3 text encoder -> ``text_encoders.<name>.transformer``-relative keys (transformers' own names).
+
+    name: "clip_l", "clip_g" or "t5xxl". The readers give CLIP-L an identity projection (SD3 takes its pooled
+    output unprojected), so a CLIP-L whose projection is anything else cannot be written.
+    """
+    sd = dict(text_encoder.state_dict())
+    if name == "t5xxl":
+        # T5's input embedding is tied to `shared` (the key diffusers detects T5 by, and the one ComfyUI reads);
+        # diffusers' reader does not tie them again, so the file holds both, the copy in its own storage
+        # (safetensors refuses tensors that share memory)
+        tied = sd.get("encoder.embed_tokens.weight")
+        if tied is not None:
+            if not torch.equal(tied, sd["shared.weight"]):
+                raise ValueError("t5xxl: encoder.embed_tokens.weight differs from shared.weight; the original "
+                                 "layout has one embedding for both")
+            sd["encoder.embed_tokens.weight"] = tied.clone()
+        known = ("shared.", "encoder.")
+    elif name in ("clip_l", "clip_g"):
+        # transformers >= 5 flattened CLIPTextModel: put back the `text_model.` level the file has
+        sd = {k if k.startswith(("text_model.", "text_projection.")) else "text_model." + k: v for k, v in sd.items()}
+        known = ("text_model.", "text_projection.weight")
+        projection = sd.get("text_projection.weight")
+        if name == "clip_l" and projection is not None and not (
+                projection.shape[0] == projection.shape[1]
+                and torch.equal(projection, torch.eye(len(projection), dtype=projection.dtype,
+                                                      device=projection.device))):
+            raise ValueError("clip_l: text_projection is not the identity, but SD3's single-file readers (diffusers "
+                             "and ComfyUI) give CLIP-L an identity projection; the file cannot hold this one")
+    else:
+        raise ValueError(f"name={name!r}; expected 'clip_l', 'clip_g' or 't5xxl'")
+    unknown = sorted(k for k in sd if not k.startswith(known))
+    if unknown:
+        raise ValueError(f"no original-layout mapping for {name} key {unknown[0]!r}")
+    return sd
+
+
+def sd3_pipeline_to_original_state_dict(pipe) -> dict[str, torch.Tensor]:
+    """StableDiffusion3Pipeline (transformer, vae, both CLIPs, T5 when it has one) -> one original-layout state
+    dict, the layout of ``sd3_medium_incl_clips[_t5xxl].safetensors``."""
+    parts = [(UNET_PREFIX, sd3_transformer_to_original(pipe.transformer)), (VAE_PREFIX, vae_to_original(pipe.vae))]
+    for attribute, name in SD3_TEXT_ENCODERS.items():
+        encoder = getattr(pipe, attribute, None)
+        if encoder is None:
+            if attribute != "text_encoder_3":
+                raise ValueError(f"the SD3 pipeline has no {attribute} ({name}); the single file needs both CLIPs")
+            continue
+        parts.append((f"{SD3_TEXT_PREFIX}{name}.transformer.", sd3_text_encoder_to_original(encoder, name)))
+    return _prefixed(parts)
+
+
 def save_original_checkpoint(pipe, path: str | os.PathLike) -> str:
-    """Write ``pipe`` as an original-layout .safetensors file; returns the path.
+    """Write ``pipe`` (SD1.x or SD3) as an original-layout .safetensors file; returns the path.
 
     Written to ``path + '.tmp'`` and then renamed, so a crash never leaves a
     truncated checkpoint under the final name.

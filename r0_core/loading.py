@@ -26,6 +26,14 @@ TINY_IMAGE_REWARD = os.path.join(PACKAGE_DIR, "tiny", "weights", "tiny-image-rew
 TINY_AESTHETIC = os.path.join(PACKAGE_DIR, "tiny", "weights", "tiny-aesthetic", "aesthetic.safetensors")  # on tiny-clip
 TINY_R0_LORA = os.path.join(PACKAGE_DIR, "tiny", "weights", "tiny-r0-lora.safetensors")  # benchmarks/r0_table.py
 TINY = "tiny"  # the name that selects the built-in tiny world
+# where an SD3 config would be bundled; until one is, SD3 single files need config_dir=<a diffusers SD3 folder>
+SD3_CONFIG_DIR = os.path.join(CONFIGS_DIR, "sd3")
+# the parts an SD3 single file must hold (key prefix, what it is); T5-XXL (text_encoders.t5xxl.*) is optional
+SD3_PARTS = (("model.diffusion_model.joint_blocks.", "the MMDiT (model.diffusion_model.*)"),
+             ("first_stage_model.", "the VAE (first_stage_model.*)"),
+             ("text_encoders.clip_l.transformer.", "the CLIP-L text encoder (text_encoders.clip_l.*)"),
+             ("text_encoders.clip_g.transformer.", "the CLIP-G text encoder (text_encoders.clip_g.*)"))
+SD3_T5_KEY = "text_encoders.t5xxl.transformer.shared.weight"   # diffusers' test for a T5 inside the file
 
 # model_index.json `_class_name` -> diffusers pipeline class name
 SUPPORTED_PIPELINES = {
@@ -33,7 +41,7 @@ SUPPORTED_PIPELINES = {
     "StableDiffusionXLPipeline": "StableDiffusionXLPipeline",
     "StableDiffusion3Pipeline": "StableDiffusion3Pipeline",
 }
-SUPPORTED_FAMILIES = "Stable Diffusion 1.x/2.x (text-to-image), SDXL base or SD3 (diffusers folders)"
+SUPPORTED_FAMILIES = "Stable Diffusion 1.x/2.x (text-to-image), SDXL base or SD3"
 # families a user may bring that the pack does not take yet, by diffusers class name
 UNSUPPORTED_PIPELINES = {
     "StableDiffusionXLImg2ImgPipeline": "an SDXL refiner (or SDXL img2img) pipeline",
@@ -193,14 +201,19 @@ def load_failure(what: str, path: str, error: Exception) -> ModelLoadError:
 
 
 def detect_architecture(shapes: dict[str, tuple[int, ...]], path: str = "<state dict>") -> str:
-    """Which bundled config fits an original-layout (LDM) checkpoint, from its keys and shapes:
-    'sd15', 'sd2', 'sdxl' or 'tiny'; a family the pack does not support yet is named and refused."""
+    """Which config fits an original-layout (LDM) checkpoint, from its keys and shapes: 'sd15', 'sd2', 'sdxl',
+    'tiny' (bundled configs) or 'sd3'; a family the pack does not support yet is named and refused."""
     def refuse(found: str):
         raise ModelLoadError(f"checkpoint {path} is {found}, which the pack does not support yet; supported: "
                              f"{SUPPORTED_FAMILIES} single-file checkpoints, or their diffusers folders")
 
     if any(k.startswith(("model.diffusion_model.joint_blocks.", "joint_blocks.")) for k in shapes):
-        refuse("an SD3 (MMDiT, rectified flow) single-file checkpoint (load SD3 from its diffusers folder)")
+        missing = [what for prefix, what in SD3_PARTS if not any(k.startswith(prefix) for k in shapes)]
+        if missing:
+            refuse(f"an SD3 (MMDiT, rectified flow) checkpoint without {', '.join(missing)}; an SD3 single file "
+                   f"loads with its MMDiT, VAE and both CLIPs inside (like sd3_medium_incl_clips.safetensors), or "
+                   f"load the diffusers folder")
+        return "sd3"
     if any(k.startswith(("model.diffusion_model.double_blocks.", "double_blocks.")) for k in shapes):
         refuse("a Flux (rectified flow) checkpoint")
     unet_in = shapes.get("model.diffusion_model.input_blocks.0.0.weight")
@@ -225,17 +238,21 @@ def detect_architecture(shapes: dict[str, tuple[int, ...]], path: str = "<state 
                 return "tiny"
     sample = ", ".join(sorted(shapes)[:3])
     raise ModelLoadError(f"checkpoint {path} has an unknown architecture (first keys: {sample}); expected a "
-                         f"Stable Diffusion 1.x, 2.x or SDXL checkpoint in the original single-file layout "
-                         f"(keys model.diffusion_model.*, first_stage_model.*, cond_stage_model.* or conditioner.*)")
+                         f"Stable Diffusion 1.x, 2.x, SDXL or SD3 checkpoint in the original single-file layout "
+                         f"(keys model.diffusion_model.*, first_stage_model.*, cond_stage_model.*, conditioner.* or "
+                         f"text_encoders.*)")
+
+
+def _has_tokenizer_files(folder: Optional[str]) -> bool:
+    return folder is not None and (
+        os.path.isfile(os.path.join(folder, "tokenizer.json"))
+        or all(os.path.isfile(os.path.join(folder, f)) for f in ("vocab.json", "merges.txt")))
 
 
 def _load_tokenizer(folder: Optional[str], architecture: str):
     from transformers import CLIPTokenizer
 
-    has_files = folder is not None and (
-        os.path.isfile(os.path.join(folder, "tokenizer.json"))
-        or all(os.path.isfile(os.path.join(folder, f)) for f in ("vocab.json", "merges.txt")))
-    if not has_files:
+    if not _has_tokenizer_files(folder):
         # checked here because transformers turns a folder without vocabulary into a useless 2-token tokenizer
         raise ModelLoadError(
             f"a {architecture} single-file checkpoint holds no tokenizer; pass tokenizer_dir=<folder with the "
@@ -253,10 +270,16 @@ def _load_tokenizer(folder: Optional[str], architecture: str):
     return tokenizer
 
 
-def _load_single_file(path: str, device, dtype, tokenizer_dir: Optional[str]):
+def _load_single_file(path: str, device, dtype, tokenizer_dir: Optional[str], config_dir: Optional[str] = None):
     import diffusers
 
-    architecture = detect_architecture(checkpoint_shapes(path), path)
+    shapes = checkpoint_shapes(path)
+    architecture = detect_architecture(shapes, path)
+    if architecture == "sd3":
+        return _load_sd3_single_file(path, shapes, device, dtype, tokenizer_dir, config_dir)
+    if config_dir is not None:
+        raise ModelLoadError(f"config_dir is for SD3 single-file checkpoints; {path} is a {architecture} "
+                             f"checkpoint, which loads with the bundled config (got config_dir={config_dir!r})")
     if architecture == "tiny":
         config, extra = TINY_PIPELINE_DIR, {}
     else:
@@ -278,20 +301,130 @@ def _load_single_file(path: str, device, dtype, tokenizer_dir: Optional[str]):
     return pipe.to(device)
 
 
+def _sd3_config(path: str, config_dir: Optional[str], has_t5: bool) -> tuple[str, dict]:
+    """The SD3 config folder for a single file and its model_index.json, after checking it describes every part
+    the file holds."""
+    config = config_dir if config_dir is not None else SD3_CONFIG_DIR if os.path.isdir(SD3_CONFIG_DIR) else None
+    if config is None:
+        raise ModelLoadError(
+            f"checkpoint {path} is an SD3 single-file checkpoint, and the pack bundles no SD3 config; pass "
+            f"config_dir=<a local diffusers SD3 folder: model_index.json and the config.json of transformer/, vae/, "
+            f"text_encoder/, text_encoder_2/ (text_encoder_3/ for a file with T5) and scheduler/, for example a copy "
+            f"of stabilityai/stable-diffusion-3-medium-diffusers; its weights are not needed> (got config_dir=None)")
+    if not os.path.isdir(config):
+        raise ModelLoadError(f"config_dir {config} is not a folder; an SD3 single-file checkpoint needs a local "
+                             f"diffusers SD3 folder for its configs")
+    class_name, index = _check_folder(config, components=False)
+    if class_name != "StableDiffusion3Pipeline":
+        raise ModelLoadError(f"config_dir {config} describes a {class_name}, but checkpoint {path} is SD3; pass an "
+                             f"SD3 (StableDiffusion3Pipeline) diffusers folder")
+    needed = ["transformer", "vae", "text_encoder", "text_encoder_2"] + (["text_encoder_3"] if has_t5 else [])
+    for part in needed + ["scheduler"]:
+        name = "scheduler_config.json" if part == "scheduler" else "config.json"
+        if index.get(part, [None])[0] is None or not os.path.isfile(os.path.join(config, part, name)):
+            why = "holds a T5-XXL text encoder" if part == "text_encoder_3" else "is SD3"
+            raise ModelLoadError(f"config_dir {config} has no {part}/{name} (or model_index.json lists no {part}), "
+                                 f"which checkpoint {path} needs because it {why}; pass a diffusers SD3 folder "
+                                 f"with every part's config")
+    return config, index
+
+
+def _nonempty_dir(folder: str) -> bool:
+    return os.path.isdir(folder) and bool(os.listdir(folder))
+
+
+def _sd3_clip_g(path: str, config: str, index: dict, dtype):
+    """CLIP-G from the file's text_encoders.clip_g.transformer.* keys, loaded strictly."""
+    import transformers
+    from safetensors import safe_open
+
+    prefix = "text_encoders.clip_g.transformer."
+    model_class = getattr(transformers, index["text_encoder_2"][1])
+    model = model_class(model_class.config_class.from_pretrained(config, subfolder="text_encoder_2",
+                                                                 local_files_only=True))
+    if path.endswith(".safetensors"):
+        with safe_open(path, framework="pt") as f:
+            state = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+    else:
+        state = {k[len(prefix):]: v for k, v in read_checkpoint(path).items() if k.startswith(prefix)}
+    if not hasattr(model, "text_model"):   # transformers >= 5.6 flattened CLIPTextModel
+        state = {k.removeprefix("text_model."): v for k, v in state.items()}
+    model.load_state_dict(state, strict=True)
+    return model.to(dtype).eval()
+
+
+def _load_sd3_single_file(path: str, shapes: dict, device, dtype, tokenizer_dir: Optional[str],
+                          config_dir: Optional[str]):
+    """An SD3 single file (the MMDiT, VAE and both CLIPs inside; T5-XXL when it has one) through diffusers'
+    StableDiffusion3Pipeline.from_single_file, with the configs of a local diffusers SD3 folder."""
+    from diffusers import StableDiffusion3Pipeline
+    from diffusers.loaders.single_file_utils import SingleFileComponentError
+
+    has_t5 = SD3_T5_KEY in shapes
+    config, index = _sd3_config(path, config_dir, has_t5)
+    extra = {"image_encoder": None, "feature_extractor": None}
+    if not has_t5:
+        extra.update(text_encoder_3=None, tokenizer_3=None)   # SD3 runs on its two CLIPs alone
+    elif index.get("tokenizer_3", [None])[0] is None or not _nonempty_dir(os.path.join(config, "tokenizer_3")):
+        raise ModelLoadError(f"checkpoint {path} holds a T5-XXL text encoder, which needs its tokenizer: config_dir "
+                             f"{config} has no tokenizer_3/ folder; pass a diffusers SD3 folder with tokenizer_3/")
+    # tokenizers: tokenizer_dir when given (as for SD/SDXL files), else the config folder's own
+    if tokenizer_dir is not None or not all(_has_tokenizer_files(os.path.join(config, t))
+                                            for t in ("tokenizer", "tokenizer_2")):
+        if tokenizer_dir is None:
+            raise ModelLoadError(
+                f"an SD3 single-file checkpoint holds no tokenizer, and config_dir {config} has none (tokenizer/ and "
+                f"tokenizer_2/); pass tokenizer_dir=<folder with the CLIP tokenizer files vocab.json + merges.txt (or "
+                f"tokenizer.json)>, for example the tokenizer/ folder of any diffusers SD pipeline or ComfyUI's "
+                f"comfy/sd1_tokenizer (got tokenizer_dir=None)")
+        extra["tokenizer"] = _load_tokenizer(tokenizer_dir, "SD3")
+        extra["tokenizer_2"] = _load_tokenizer(tokenizer_dir, "SD3")
+        extra["tokenizer_2"].pad_token = "!"  # CLIP-G's tokenizer pads with "!", as SDXL's does
+    width = "text_encoders.{}.transformer.text_model.embeddings.position_embedding.weight"
+    try:
+        if shapes[width.format("clip_l")][-1] == shapes[width.format("clip_g")][-1]:
+            # diffusers tells the file's two CLIPs apart by width alone, so at equal widths (small test models)
+            # it would load CLIP-L twice; CLIP-G is read here instead
+            extra["text_encoder_2"] = _sd3_clip_g(path, config, index, dtype)
+        pipe = StableDiffusion3Pipeline.from_single_file(path, config=config, local_files_only=True, dtype=dtype,
+                                                         **extra)
+    except (OSError, ValueError, RuntimeError, KeyError, SingleFileComponentError) as e:
+        raise ModelLoadError(f"could not build an SD3 pipeline from {path} with the configs of {config} "
+                             f"({type(e).__name__}: {_detail(e)}); check that the checkpoint is complete and that "
+                             f"the folder describes the same model (its sizes and number of blocks)") from e
+    t5 = pipe.text_encoder_3
+    if t5 is not None:
+        t5.eval()   # diffusers' single-file T5 reader leaves it in training mode: its dropout would be on
+        if t5.encoder.embed_tokens.weight.is_meta and not t5.shared.weight.is_meta:
+            # a file with T5's `shared` embedding alone (its input embedding, tied to it): tie them again
+            t5.encoder.embed_tokens = t5.shared
+    for part in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+        module = getattr(pipe, part, None)
+        unloaded = [name for name, t in module.state_dict().items() if t.is_meta] if module is not None else []
+        if unloaded:   # diffusers leaves the weights the file lacks unloaded, without a word
+            raise ModelLoadError(f"checkpoint {path} lacks {len(unloaded)} weight(s) of the {part} that config_dir "
+                                 f"{config} describes (first: {unloaded[0]}); the file is incomplete, or the "
+                                 f"folder describes a larger model")
+    return pipe.to(device)
+
+
 # ----------------------------------------------------------------------------------------------- entry point
 
 def load_pipeline(path: str = TINY, *, device=None, dtype=None, tokenizer_dir: Optional[str] = None,
-                  prediction_type: Optional[str] = None):
+                  prediction_type: Optional[str] = None, config_dir: Optional[str] = None):
     """A diffusers Stable Diffusion (1.x/2.x), SDXL or SD3 pipeline from a local path, on `device` in `dtype`.
 
     path: "tiny" for the built-in tiny world, a diffusers pipeline folder (with model_index.json), or a
     single-file checkpoint in the original layout (.safetensors, or .ckpt read with weights_only=True).
     tokenizer_dir: for single-file SD checkpoints, a folder with CLIP's tokenizer files (they are not inside).
+    config_dir: for single-file SD3 checkpoints, a local diffusers SD3 folder whose configs describe the file
+    (model_index.json and each part's config; its weights are not read); its tokenizer/ and tokenizer_2/ serve
+    when tokenizer_dir is not given, and its tokenizer_3/ for a file with T5-XXL.
     device, dtype: default to `pick_device_dtype()`.
     prediction_type: override what the scheduler config says ("epsilon" or "v_prediction"); single-file SD 2.x
     checkpoints are assumed to be 768-v models, so pass "epsilon" for the 512-px base ones.
     """
-    pipe = _load(path, device, dtype, tokenizer_dir)
+    pipe = _load(path, device, dtype, tokenizer_dir, config_dir)
     if prediction_type is not None:
         if prediction_type not in ("epsilon", "v_prediction", "sample"):
             raise ValueError(f"prediction_type={prediction_type!r}; expected 'epsilon', 'v_prediction' or 'sample'")
@@ -299,7 +432,7 @@ def load_pipeline(path: str = TINY, *, device=None, dtype=None, tokenizer_dir: O
     return pipe
 
 
-def _load(path, device, dtype, tokenizer_dir):
+def _load(path, device, dtype, tokenizer_dir, config_dir=None):
     device, dtype = pick_device_dtype(device, dtype)
     if path == TINY:
         path = TINY_PIPELINE_DIR
@@ -309,7 +442,7 @@ def _load(path, device, dtype, tokenizer_dir):
     if os.path.isdir(path):
         return _load_folder(path, device, dtype)
     if os.path.splitext(path)[1].lower() in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):
-        return _load_single_file(path, device, dtype, tokenizer_dir)
+        return _load_single_file(path, device, dtype, tokenizer_dir, config_dir)
     if not os.path.exists(path):
         raise ModelLoadError(f"model path {path} not found; expected 'tiny', a diffusers folder with "
                              f"model_index.json, or a .safetensors checkpoint")
