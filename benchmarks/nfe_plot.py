@@ -73,7 +73,10 @@ def plot(curves: list[dict], path: str) -> str:
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    colours = {label: f"C{i}" for i, label in enumerate(dict.fromkeys(c["label"] for c in curves))}
+    labels = list(dict.fromkeys(c["label"] for c in curves))
+    palette = plt.get_cmap("tab10" if len(labels) <= 10 else "tab20").colors
+    colours = {label: palette[i % len(palette)] for i, label in enumerate(labels)}
+    markers = {label: "osD^vPX"[i % 7] for i, label in enumerate(labels)}
     fig, axes = plt.subplots(1, len(KINDS), figsize=(11, 4.2), sharey=True)
     for axis, kind in zip(axes, KINDS):
         panel = [c for c in curves if c["kind"] == kind]
@@ -82,12 +85,15 @@ def plot(curves: list[dict], path: str) -> str:
             shift = 1.04 ** (j - (len(panel) - 1) / 2)  # series drawn slightly apart: bars at one NFE stay visible
             x, y = [p["nfe"] * shift for p in points], [100 * p["mean"] for p in points]
             bars = [[100 * (p["mean"] - p["low"]) for p in points], [100 * (p["high"] - p["mean"]) for p in points]]
-            axis.errorbar(x, y, yerr=bars, label=c["label"], color=colours[c["label"]], marker="o", markersize=4,
+            axis.errorbar(x, y, yerr=bars, label=c["label"], color=colours[c["label"]], marker=markers[c["label"]], markersize=4,
                           capsize=3, linewidth=1.2)
         axis.set_xscale("log")
         ticks = sorted({p["nfe"] for c in curves if c["kind"] == kind for p in c["points"]})
-        axis.set_xticks(ticks, [str(t) for t in ticks])
-        axis.set_xlim(min(ticks) / 1.5, max(ticks) * 1.5)
+        shown = ticks[:1]
+        for t in ticks[1:]:
+            shown += [t] if t / shown[-1] > 1.25 else []  # closer labels would overlap
+        axis.set_xticks(shown, [str(t) for t in shown])
+        axis.set_xlim(min(ticks) / 1.5, max(ticks) * 1.5)  # every point inside, labelled or not
         axis.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         axis.set_title(TITLES[kind])
         axis.set_xlabel("NFE (UNet evaluations per image)")

@@ -38,7 +38,7 @@ from r0_core.rewards import load_reward
 from r0_core.tiny import oracle, protocol, world
 from r0_core.tiny.evaluate import grid, r0_images, sample_images
 
-SEED = 1000                                  # noise seed of image 0 of every cell (r0_table.py uses it too)
+SEED = 1000                                  # noise seed of image 0 of every cell (mini_table1.py uses it too)
 FIELDS = ("correct", "objects_correct", "valid")
 STEPS = (1, 2, 4, 8, 16, 50)
 GUIDANCE = 2.0
