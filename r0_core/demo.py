@@ -1,5 +1,6 @@
 """The demo: `python -m r0_core.demo`. Renders the built-in tiny model on a few prompts with diffusers' 50-step
-DDIM + CFG, with the R0 sampler at 4 steps, and (on the tiny model) with the shipped R0 LoRA at 4 steps, scores
+DDIM + CFG, with the R0 sampler at 4 steps, and (on the tiny model) with the shipped R0 LoRA at 4 steps (trained by
+R0 on the full reward mix, run without CFG as it was trained: 4 NFE), scores
 every image with the oracle and the tiny CLIP, and writes a labelled grid PNG and a JSON report."""
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ def settings(pipe, args, prompts: list[str]) -> dict[str, dict]:
         return out
     if not os.path.isfile(TINY_R0_LORA):
         print(f"\nnotice: skipping the R0 LoRA group: {TINY_R0_LORA} is missing "
-              "(rebuild it with benchmarks/r0_table.py)")
+              "(rebuild it with benchmarks/mini_table1.py --row r0-mix, then --ship)")
         return out
 
     def trained():
@@ -61,7 +62,7 @@ def settings(pipe, args, prompts: list[str]) -> dict[str, dict]:
         lora.use_loras(pipe, [])
         return images
     out["R0 LoRA (trained by R0), 4-step R0 sampler"] = dict(
-        label=describe("R0 LoRA", 4, "R0 sampler", args.r0_guidance, lora_cfg), steps=4, nfe=nfe(4, lora_cfg),
+        label=describe("R0 LoRA, full mix", 4, "R0 sampler", args.r0_guidance, lora_cfg), steps=4, nfe=nfe(4, lora_cfg),
         sample=trained)
     return out
 
@@ -74,7 +75,8 @@ def main(argv=None):
     parser.add_argument("--guidance", type=float, default=2.0, help="CFG of the base model's settings")
     parser.add_argument("--eta", type=float, default=0.0, help="η of the 4-step R0 sampler")
     parser.add_argument("--seed", type=int, default=0, help="image i of a setting uses seed + i")
-    parser.add_argument("--r0-guidance", type=float, default=2.0, help="CFG of the R0 LoRA row (as it was trained)")
+    parser.add_argument("--r0-guidance", type=float, default=1.0,
+                        help="CFG of the R0 LoRA row (1: none, as it was trained)")
     parser.add_argument("--scale", type=int, default=4, help="how many times the grid enlarges each image")
     args = parser.parse_args(argv)
     cli.quiet_libraries()
