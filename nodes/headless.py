@@ -23,7 +23,8 @@ def node_spec(node_type: str) -> dict:
     inputs = {**cls.INPUT_TYPES()["required"], **cls.INPUT_TYPES().get("optional", {})}
     types = {name: ("COMBO" if isinstance(spec[0], list) else spec[0]) for name, spec in inputs.items()}
     widgets = [name for name, t in types.items() if t in WIDGET_TYPES or t == "COMBO"]
-    return {"inputs": types, "widgets": widgets, "outputs": list(cls.RETURN_TYPES), "choices": {
+    return {"inputs": types, "widgets": widgets, "outputs": list(cls.RETURN_TYPES),
+            "optional": set(cls.INPUT_TYPES().get("optional", {})), "choices": {
         name: spec[0] for name, spec in inputs.items() if isinstance(spec[0], list)}, "options": {
         name: spec[1] if len(spec) > 1 else {} for name, spec in inputs.items()}}
 
@@ -32,6 +33,8 @@ def widget_values(node: dict, spec: dict) -> dict:
     """Widget name -> value, skipping the control_after_generate value ComfyUI stores after a seed."""
     values, out = list(node["widgets_values"]), {}
     for name in spec["widgets"]:
+        if not values and name in spec.get("optional", ()):
+            break   # a workflow saved before this optional input was appended: the node's default, as in ComfyUI
         if not values:
             raise ValueError(f"node {node['id']} ({node['type']}) has too few widget values: {name} is missing")
         out[name] = values.pop(0)

@@ -8,7 +8,8 @@ import torch
 
 from r0_core import lora
 from r0_core.generate import generate
-from r0_core.loading import TINY, load_pipeline
+from r0_core import family
+from r0_core.loading import TINY_NAMES, load_pipeline
 from r0_core.sampler import sample_r0, vp_noise_scaling
 from r0_core.schedule import r0_sigmas
 
@@ -20,30 +21,36 @@ _CACHE: dict[tuple, dict] = {}  # (path, dtype, device) -> loaded pipeline, kept
 
 
 def model_choices() -> list[str]:
-    return ([TINY] + [f"diffusers/{name}" for name in bridge.list_model_folders("diffusers", "model_index.json")]
+    folders = bridge.list_model_folders("diffusers", "model_index.json")
+    return (list(TINY_NAMES) + [f"diffusers/{name}" for name in folders]
             + [f"checkpoints/{name}" for name in bridge.list_files("checkpoints")])
 
 
 def resolve_model(choice: str) -> str:
-    if choice == TINY:
-        return TINY
+    if choice in TINY_NAMES:
+        return choice
     folder, _, name = choice.partition("/")
     if folder not in ("diffusers", "checkpoints") or not name:
-        raise ValueError(f"model {choice!r}: expected 'tiny', 'diffusers/<folder>' or 'checkpoints/<file>'")
+        raise ValueError(f"model {choice!r}: expected one of {', '.join(TINY_NAMES)}, 'diffusers/<folder>' or "
+                         f"'checkpoints/<file>'")
     return bridge.resolve(folder, name)
 
 
-def get_pipeline(choice: str, dtype: str = "auto", device: str = "auto") -> dict:
-    """A cached pipeline (loaded once per path, dtype and device), as the R0_PIPELINE value."""
+NO_CONFIG = "(none)"
+
+
+def get_pipeline(choice: str, dtype: str = "auto", device: str = "auto", config_folder: str = NO_CONFIG) -> dict:
+    """A cached pipeline (loaded once per path, dtype, device and config folder), as the R0_PIPELINE value."""
     path = resolve_model(choice)
-    key = (path, dtype, device)
+    config_dir = None if config_folder == NO_CONFIG else bridge.resolve("diffusers", config_folder)
+    key = (path, dtype, device, config_dir)
     if key not in _CACHE:
         # load outside inference mode: the cached modules must stay trainable for the R0 and RPO trainers
         with torch.inference_mode(False):
             pipe = load_pipeline(path, device=None if device == "auto" else device, dtype=DTYPES[dtype],
-                                 tokenizer_dir=bridge.sd_tokenizer_dir())
+                                 tokenizer_dir=bridge.sd_tokenizer_dir(), config_dir=config_dir)
         pipe.set_progress_bar_config(disable=True)
-        _CACHE[key] = {"pipe": pipe, "path": path, "device": pipe.unet.device, "loras": []}
+        _CACHE[key] = {"pipe": pipe, "path": path, "device": family.backbone(pipe).device, "loras": []}
     return _CACHE[key]
 
 
@@ -69,15 +76,22 @@ class R0LoadPipeline:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": (model_choices(), {"tooltip": "tiny, a diffusers folder in models/diffusers, or a "
-                                                   "single-file checkpoint in models/checkpoints"}),
+            "model": (model_choices(), {"tooltip": "tiny (the built-in world; tiny-sdxl and tiny-sd3 draw it with "
+                                                   "those architectures), a diffusers folder in models/diffusers, "
+                                                   "or a single-file checkpoint in models/checkpoints"}),
             "dtype": (list(DTYPES), {"default": "auto", "tooltip": "auto: fp32 on CPU, bf16/fp16 on GPU"}),
             "device": (["auto", "cpu", "cuda"], {"default": "auto",
                                                  "tooltip": "auto: the GPU if there is one, else the CPU"}),
+        }, "optional": {
+            "config_folder": ([NO_CONFIG] + bridge.list_model_folders("diffusers", "model_index.json"),
+                              {"default": NO_CONFIG,
+                               "tooltip": "for an SD3 single file (or an SDXL one not of SDXL base's size): a "
+                                          "diffusers folder in models/diffusers of the same family whose configs "
+                                          "describe it; its weights are not read"}),
         }}
 
-    def load(self, model, dtype, device):
-        return (get_pipeline(model, dtype, device),)
+    def load(self, model, dtype, device, config_folder=NO_CONFIG):
+        return (get_pipeline(model, dtype, device, config_folder),)
 
 
 class R0FewStepGenerate:

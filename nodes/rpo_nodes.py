@@ -6,8 +6,8 @@ import logging
 
 import torch
 
-from r0_core import lora
-from r0_core.loading import TINY
+from r0_core import family, lora
+from r0_core.loading import TINY_NAMES
 from r0_core.tiny import subjects
 from rpo_core.references import image_batch, load_references
 from rpo_core.train import RPOConfig, default_prompts, train_rpo
@@ -115,9 +115,10 @@ class RPOTrain:
     def train(self, pipeline, references, encoder, token, class_name, prompts, steps, lambda_val, beta, tau, lr,
               lora_rank, validate_every, seed, save_name, preference, sampler_steps, guidance, overwrite=False):
         pipe = pipeline["pipe"].to(pipeline["device"])
-        size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+        size = family.backbone(pipe).config.sample_size * pipe.vae_scale_factor
         lines = [p.strip() for p in prompts.splitlines() if p.strip()]
-        lines = lines or default_prompts(token.strip(), class_name.strip(), tiny=pipeline["path"] == TINY)
+        tiny = pipeline["path"] in TINY_NAMES
+        lines = lines or default_prompts(token.strip(), class_name.strip(), tiny=tiny)
         config = RPOConfig(token=token.strip(), class_name=class_name.strip(), prompts=lines,
                            iterations=steps, lambda_val=lambda_val, beta=beta, tau=tau, lr=lr, lora_rank=lora_rank,
                            validate_every=validate_every, seed=seed, preference=preference,

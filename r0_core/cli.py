@@ -25,6 +25,21 @@ def make_parser(module: str, doc: str | None) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(prog=f"python -m {module}", description=doc, formatter_class=HelpFormatter)
 
 
+def add_model_arguments(parser: argparse.ArgumentParser, required: bool = False) -> None:
+    """--model and what single files need beside it (read back by `model_kwargs`)."""
+    parser.add_argument("--model", required=required, default=None if required else "tiny",
+                        help="tiny (tiny-sdxl, tiny-sd3: the world in those architectures), a diffusers folder or a "
+                             "single-file checkpoint")
+    parser.add_argument("--tokenizer-dir", help="CLIP tokenizer folder, for single-file checkpoints")
+    parser.add_argument("--config-dir", help="a diffusers folder of the same family whose configs describe the "
+                                             "file: for SD3 single files, and SDXL ones not of SDXL base's size")
+
+
+def model_kwargs(args: argparse.Namespace) -> dict:
+    """load_pipeline's keyword arguments from `add_model_arguments`' options."""
+    return {"tokenizer_dir": args.tokenizer_dir, "config_dir": args.config_dir}
+
+
 def field_help(cls) -> dict[str, str]:
     """{field: the comment after it} from a dataclass's source: a config's fields are documented once, there."""
     source = inspect.getsource(cls)

@@ -1,4 +1,4 @@
-"""Convert a diffusers Stable-Diffusion-1.x or SD3 pipeline to the original single-file layout.
+"""Convert a diffusers Stable-Diffusion-1.x, SDXL or SD3 pipeline to the original single-file layout.
 
 The original (LDM / CompVis) layout is the one of ``v1-5-pruned-emaonly.safetensors``:
 one flat state dict with three prefixes,
@@ -6,6 +6,13 @@ one flat state dict with three prefixes,
 * ``model.diffusion_model.*``  - the UNet (input_blocks / middle_block / output_blocks),
 * ``first_stage_model.*``      - the VAE (encoder.down / decoder.up / mid.block_1 ...),
 * ``cond_stage_model.transformer.text_model.*`` - the CLIP text encoder.
+
+SDXL's (``sd_xl_base_1.0.safetensors``) keeps the UNet and VAE prefixes (the UNet's added embedding of pooled text
+and size ids as ``label_emb.0``) and has
+
+* ``conditioner.embedders.0.transformer.text_model.*`` - CLIP ViT-L, in transformers' own key names,
+* ``conditioner.embedders.1.model.*`` - OpenCLIP ViT-bigG in OpenCLIP's names (``transformer.resblocks.N`` with
+  fused ``attn.in_proj_*``, ``ln_final``, ``text_projection`` stored transposed).
 
 SD3's (``sd3_medium_incl_clips*.safetensors``) keeps the VAE prefix and has
 
@@ -31,6 +38,8 @@ import torch
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer.text_model."
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer.text_model."
+SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
 
 # Resnet sub-module names: diffusers -> LDM.  The UNet ResBlock keeps its layers in
 # nn.Sequential containers (norm, act, conv), hence the numeric indices.
@@ -90,6 +99,9 @@ def unet_to_original(unet) -> dict[str, torch.Tensor]:
         "conv_norm_out.": ("out.0.", None),
         "conv_out.": ("out.2.", None),
     }
+    if getattr(unet, "add_embedding", None) is not None:   # SDXL: pooled text + size ids
+        p["add_embedding.linear_1."] = ("label_emb.0.0.", None)
+        p["add_embedding.linear_2."] = ("label_emb.0.2.", None)
     # input_blocks: one entry per (resnet[, attention]) pair, then one per downsampler.
     n = 1
     for b, block in enumerate(unet.down_blocks):
@@ -154,10 +166,39 @@ def text_encoder_to_original(text_encoder) -> dict[str, torch.Tensor]:
     return {k.removeprefix("text_model."): v for k, v in text_encoder.state_dict().items()}
 
 
+def open_clip_text_to_original(text_encoder) -> dict[str, torch.Tensor]:
+    """CLIPTextModelWithProjection -> OpenCLIP's text-tower keys: the exact inverse of diffusers'
+    ``convert_open_clip_checkpoint`` (q, k, v fused into in_proj; the projection transposed)."""
+    sd = {k.removeprefix("text_model."): v for k, v in text_encoder.state_dict().items()}
+    sd.pop("embeddings.position_ids", None)   # a buffer, rebuilt by the reader
+    out = {"token_embedding.weight": sd.pop("embeddings.token_embedding.weight"),
+           "positional_embedding": sd.pop("embeddings.position_embedding.weight"),
+           "ln_final.weight": sd.pop("final_layer_norm.weight"), "ln_final.bias": sd.pop("final_layer_norm.bias"),
+           "text_projection": sd.pop("text_projection.weight").T}
+    names = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out_proj": "attn.out_proj",
+             "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+    for i in range(text_encoder.config.num_hidden_layers):
+        ours, theirs = f"encoder.layers.{i}.", f"transformer.resblocks.{i}."
+        for kind in ("weight", "bias"):
+            out[f"{theirs}attn.in_proj_{kind}"] = torch.cat([sd.pop(f"{ours}self_attn.{x}_proj.{kind}") for x in "qkv"])
+            for old, new in names.items():
+                out[f"{theirs}{new}.{kind}"] = sd.pop(f"{ours}{old}.{kind}")
+    if sd:
+        raise ValueError(f"no OpenCLIP mapping for text_encoder_2 key {sorted(sd)[0]!r}")
+    return out
+
+
 def pipeline_to_original_state_dict(pipe) -> dict[str, torch.Tensor]:
-    """Whole SD1.x pipeline (unet, vae, text_encoder), or an SD3 one, -> one original-layout state dict."""
+    """Whole SD1.x pipeline (unet, vae, text_encoder), or an SDXL or SD3 one, -> one original-layout state dict."""
     if _is_sd3(pipe):
         return sd3_pipeline_to_original_state_dict(pipe)
+    if getattr(pipe, "text_encoder_2", None) is not None:   # SDXL
+        return _prefixed((
+            (UNET_PREFIX, unet_to_original(pipe.unet)),
+            (VAE_PREFIX, vae_to_original(pipe.vae)),
+            (SDXL_CLIP_PREFIX, text_encoder_to_original(pipe.text_encoder)),
+            (SDXL_OPEN_CLIP_PREFIX, open_clip_text_to_original(pipe.text_encoder_2)),
+        ))
     return _prefixed((
         (UNET_PREFIX, unet_to_original(pipe.unet)),
         (VAE_PREFIX, vae_to_original(pipe.vae)),
@@ -321,7 +362,7 @@ def sd3_pipeline_to_original_state_dict(pipe) -> dict[str, torch.Tensor]:
 
 
 def save_original_checkpoint(pipe, path: str | os.PathLike) -> str:
-    """Write ``pipe`` (SD1.x or SD3) as an original-layout .safetensors file; returns the path.
+    """Write ``pipe`` (SD1.x, SDXL or SD3) as an original-layout .safetensors file; returns the path.
 
     Written to ``path + '.tmp'`` and then renamed, so a crash never leaves a
     truncated checkpoint under the final name.

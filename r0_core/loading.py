@@ -24,8 +24,11 @@ TINY_CLIP_DIR = os.path.join(PACKAGE_DIR, "tiny", "weights", "tiny-clip")
 TINY_HPS = os.path.join(PACKAGE_DIR, "tiny", "weights", "tiny-hps", "HPS_tiny.safetensors")
 TINY_IMAGE_REWARD = os.path.join(PACKAGE_DIR, "tiny", "weights", "tiny-image-reward", "ImageReward.safetensors")
 TINY_AESTHETIC = os.path.join(PACKAGE_DIR, "tiny", "weights", "tiny-aesthetic", "aesthetic.safetensors")  # on tiny-clip
-TINY_R0_LORA = os.path.join(PACKAGE_DIR, "tiny", "weights", "tiny-r0-lora.safetensors")  # benchmarks/r0_table.py
+TINY_R0_LORA = os.path.join(PACKAGE_DIR, "tiny", "weights", "tiny-r0-lora.safetensors")  # benchmarks/mini_table1.py
 TINY = "tiny"  # the name that selects the built-in tiny world
+# the world drawn by the other families' architectures (r0_core.tiny.families), by name
+TINY_FAMILIES = {f"tiny-{f}": os.path.join(PACKAGE_DIR, "tiny", "weights", f"tiny-{f}") for f in ("sdxl", "sd3")}
+TINY_NAMES = (TINY, *TINY_FAMILIES)
 # where an SD3 config would be bundled; until one is, SD3 single files need config_dir=<a diffusers SD3 folder>
 SD3_CONFIG_DIR = os.path.join(CONFIGS_DIR, "sd3")
 # the parts an SD3 single file must hold (key prefix, what it is); T5-XXL (text_encoders.t5xxl.*) is optional
@@ -277,28 +280,64 @@ def _load_single_file(path: str, device, dtype, tokenizer_dir: Optional[str], co
     architecture = detect_architecture(shapes, path)
     if architecture == "sd3":
         return _load_sd3_single_file(path, shapes, device, dtype, tokenizer_dir, config_dir)
-    if config_dir is not None:
-        raise ModelLoadError(f"config_dir is for SD3 single-file checkpoints; {path} is a {architecture} "
+    if config_dir is not None and architecture != "sdxl":
+        raise ModelLoadError(f"config_dir is for SD3 and SDXL single-file checkpoints; {path} is a {architecture} "
                              f"checkpoint, which loads with the bundled config (got config_dir={config_dir!r})")
     if architecture == "tiny":
         config, extra = TINY_PIPELINE_DIR, {}
+    elif config_dir is not None:   # an SDXL file of other sizes than SDXL base's (the tiny SDXL, say)
+        config, extra = _sdxl_config(path, config_dir), {}
+        if tokenizer_dir is not None or not all(_has_tokenizer_files(os.path.join(config, t))
+                                                for t in ("tokenizer", "tokenizer_2")):
+            extra = {"tokenizer": _load_tokenizer(tokenizer_dir, architecture),
+                     "tokenizer_2": _load_tokenizer(tokenizer_dir, architecture)}
+        widths = (shapes.get("conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight"),
+                  shapes.get("conditioner.embedders.1.model.positional_embedding"))
+        if None not in widths and widths[0][-1] == widths[1][-1]:
+            extra["text_encoder_2"] = _sdxl_open_clip(path, config, _check_folder(config, False)[1], dtype)
     else:
         config = os.path.join(CONFIGS_DIR, architecture)
         extra = {"tokenizer": _load_tokenizer(tokenizer_dir, architecture)}
         if architecture == "sdxl":
             extra["tokenizer_2"] = _load_tokenizer(tokenizer_dir, architecture)
             extra["tokenizer_2"].pad_token = "!"  # SDXL's OpenCLIP tokenizer pads with "!"
-    class_name, _ = _check_folder(config, components=architecture == "tiny")  # bundled configs hold no tokenizer
+    # bundled configs hold no tokenizer
+    class_name, _ = _check_folder(config, components=architecture == "tiny" or config_dir is not None)
     pipeline_class = getattr(diffusers, SUPPORTED_PIPELINES[class_name])
     if "XL" not in class_name:
         extra.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    source = "the bundled config" if config_dir is None else "the configs of"
     try:
         pipe = pipeline_class.from_single_file(path, config=config, local_files_only=True, dtype=dtype,
                                                **extra)
     except (OSError, ValueError, RuntimeError, KeyError) as e:
-        raise ModelLoadError(f"could not build a {architecture} pipeline from {path} with the bundled config "
+        raise ModelLoadError(f"could not build a {architecture} pipeline from {path} with {source} "
                              f"{config}: {e}") from e
+    _refuse_unloaded(pipe, ("unet", "vae", "text_encoder", "text_encoder_2"), path, config)
     return pipe.to(device)
+
+
+def _refuse_unloaded(pipe, parts, path: str, config: str) -> None:
+    """diffusers leaves the weights a single file lacks unloaded (on the meta device), without a word."""
+    for part in parts:
+        module = getattr(pipe, part, None)
+        unloaded = [name for name, t in module.state_dict().items() if t.is_meta] if module is not None else []
+        if unloaded:
+            raise ModelLoadError(f"checkpoint {path} lacks {len(unloaded)} weight(s) of the {part} that the config "
+                                 f"{config} describes (first: {unloaded[0]}); the file is incomplete, or the "
+                                 f"folder describes a larger model")
+
+
+def _sdxl_config(path: str, config_dir: str) -> str:
+    """The config folder for an SDXL single file, after checking it is one."""
+    if not os.path.isdir(config_dir):
+        raise ModelLoadError(f"config_dir {config_dir} is not a folder; pass a local diffusers SDXL folder whose "
+                             f"configs describe checkpoint {path}")
+    class_name, _ = _check_folder(config_dir, components=False)
+    if class_name != "StableDiffusionXLPipeline":
+        raise ModelLoadError(f"config_dir {config_dir} describes a {class_name}, but checkpoint {path} is SDXL; "
+                             f"pass an SDXL (StableDiffusionXLPipeline) diffusers folder")
+    return config_dir
 
 
 def _sd3_config(path: str, config_dir: Optional[str], has_t5: bool) -> tuple[str, dict]:
@@ -333,24 +372,47 @@ def _nonempty_dir(folder: str) -> bool:
     return os.path.isdir(folder) and bool(os.listdir(folder))
 
 
-def _sd3_clip_g(path: str, config: str, index: dict, dtype):
-    """CLIP-G from the file's text_encoders.clip_g.transformer.* keys, loaded strictly."""
-    import transformers
-    from safetensors import safe_open
+def _read_prefixed(path: str, prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint whose keys start with `prefix` (full keys)."""
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
 
-    prefix = "text_encoders.clip_g.transformer."
+        with safe_open(path, framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+    return {k: v for k, v in read_checkpoint(path).items() if k.startswith(prefix)}
+
+
+def _second_text_encoder(config: str, index: dict, dtype, state_of):
+    """text_encoder_2 built from the config folder's config and loaded strictly from `state_of(model)` (its keys
+    in transformers' names). Needed where the file's two CLIPs have one width: diffusers tells them apart by width
+    alone, so for small models it would load the first CLIP twice."""
+    import transformers
+
     model_class = getattr(transformers, index["text_encoder_2"][1])
     model = model_class(model_class.config_class.from_pretrained(config, subfolder="text_encoder_2",
                                                                  local_files_only=True))
-    if path.endswith(".safetensors"):
-        with safe_open(path, framework="pt") as f:
-            state = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
-    else:
-        state = {k[len(prefix):]: v for k, v in read_checkpoint(path).items() if k.startswith(prefix)}
+    state = state_of(model)
     if not hasattr(model, "text_model"):   # transformers >= 5.6 flattened CLIPTextModel
         state = {k.removeprefix("text_model."): v for k, v in state.items()}
     model.load_state_dict(state, strict=True)
     return model.to(dtype).eval()
+
+
+def _sd3_clip_g(path: str, config: str, index: dict, dtype):
+    """CLIP-G from the file's text_encoders.clip_g.transformer.* keys (transformers' names already)."""
+    prefix = "text_encoders.clip_g.transformer."
+    state = {k[len(prefix):]: v for k, v in _read_prefixed(path, prefix).items()}
+    return _second_text_encoder(config, index, dtype, lambda model: state)
+
+
+def _sdxl_open_clip(path: str, config: str, index: dict, dtype):
+    """SDXL's second text encoder from the file's OpenCLIP keys, through diffusers' own converter."""
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+
+    prefix = "conditioner.embedders.1.model."
+    checkpoint = _read_prefixed(path, prefix)
+    return _second_text_encoder(config, index, dtype,
+                                lambda model: convert_open_clip_checkpoint(model, checkpoint, prefix=prefix))
 
 
 def _load_sd3_single_file(path: str, shapes: dict, device, dtype, tokenizer_dir: Optional[str],
@@ -398,13 +460,7 @@ def _load_sd3_single_file(path: str, shapes: dict, device, dtype, tokenizer_dir:
         if t5.encoder.embed_tokens.weight.is_meta and not t5.shared.weight.is_meta:
             # a file with T5's `shared` embedding alone (its input embedding, tied to it): tie them again
             t5.encoder.embed_tokens = t5.shared
-    for part in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
-        module = getattr(pipe, part, None)
-        unloaded = [name for name, t in module.state_dict().items() if t.is_meta] if module is not None else []
-        if unloaded:   # diffusers leaves the weights the file lacks unloaded, without a word
-            raise ModelLoadError(f"checkpoint {path} lacks {len(unloaded)} weight(s) of the {part} that config_dir "
-                                 f"{config} describes (first: {unloaded[0]}); the file is incomplete, or the "
-                                 f"folder describes a larger model")
+    _refuse_unloaded(pipe, ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"), path, config)
     return pipe.to(device)
 
 
@@ -414,12 +470,14 @@ def load_pipeline(path: str = TINY, *, device=None, dtype=None, tokenizer_dir: O
                   prediction_type: Optional[str] = None, config_dir: Optional[str] = None):
     """A diffusers Stable Diffusion (1.x/2.x), SDXL or SD3 pipeline from a local path, on `device` in `dtype`.
 
-    path: "tiny" for the built-in tiny world, a diffusers pipeline folder (with model_index.json), or a
-    single-file checkpoint in the original layout (.safetensors, or .ckpt read with weights_only=True).
+    path: "tiny" for the built-in tiny world ("tiny-sdxl", "tiny-sd3": the same world in those architectures), a
+    diffusers pipeline folder (with model_index.json), or a single-file checkpoint in the original layout
+    (.safetensors, or .ckpt read with weights_only=True).
     tokenizer_dir: for single-file SD checkpoints, a folder with CLIP's tokenizer files (they are not inside).
-    config_dir: for single-file SD3 checkpoints, a local diffusers SD3 folder whose configs describe the file
-    (model_index.json and each part's config; its weights are not read); its tokenizer/ and tokenizer_2/ serve
-    when tokenizer_dir is not given, and its tokenizer_3/ for a file with T5-XXL.
+    config_dir: for single-file SD3 checkpoints, and SDXL ones of other sizes than SDXL base (the tiny SDXL), a
+    local diffusers folder of that family whose configs describe the file (model_index.json and each part's
+    config; its weights are not read); its tokenizer/ and tokenizer_2/ serve when tokenizer_dir is not given, and
+    its tokenizer_3/ for an SD3 file with T5-XXL.
     device, dtype: default to `pick_device_dtype()`.
     prediction_type: override what the scheduler config says ("epsilon" or "v_prediction"); single-file SD 2.x
     checkpoints are assumed to be 768-v models, so pass "epsilon" for the 512-px base ones.
@@ -439,6 +497,11 @@ def _load(path, device, dtype, tokenizer_dir, config_dir=None):
         if not os.path.isdir(path):
             raise ModelLoadError(f"the built-in tiny model is missing at {path}; reinstall the package or "
                                  f"rebuild it with `python -m r0_core.tiny.build`")
+    elif path in TINY_FAMILIES:
+        name, path = path, TINY_FAMILIES[path]
+        if not os.path.isdir(path):
+            raise ModelLoadError(f"the built-in {name} model is missing at {path}; reinstall the package or "
+                                 f"rebuild it with `python -m r0_core.tiny.families --family {name[5:]}`")
     if os.path.isdir(path):
         return _load_folder(path, device, dtype)
     if os.path.splitext(path)[1].lower() in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):

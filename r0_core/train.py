@@ -598,8 +598,7 @@ def main(argv=None):
     from .loading import load_pipeline
 
     parser = cli.make_parser("r0_core.train", __doc__)
-    parser.add_argument("--model", default="tiny", help="tiny, a diffusers folder or a single-file checkpoint")
-    parser.add_argument("--tokenizer-dir", help="CLIP tokenizer folder, for single-file checkpoints")
+    cli.add_model_arguments(parser)
     parser.add_argument("--reward", action="append", default=[],
                         help="family:path[:support][@weight]; repeat to combine rewards (normalised gradients)")
     parser.add_argument("--prompts", required=True, help="a text file, one prompt per line")
@@ -618,7 +617,7 @@ def main(argv=None):
     # under `accelerate launch` each process gets its own device; "auto" follows the nodes' rule
     accelerator = Accelerator(mixed_precision=resolve_precision(config.mixed_precision,
                                                                 "cuda" if torch.cuda.is_available() else "cpu"))
-    pipe = load_pipeline(args.model, device=accelerator.device, tokenizer_dir=args.tokenizer_dir)
+    pipe = load_pipeline(args.model, device=accelerator.device, **cli.model_kwargs(args))
     rewards = [parse_reward(spec) for spec in args.reward]
     reward = WeightedReward([r for r, _ in rewards], [w for _, w in rewards]) if rewards else None
     for scorer in reward.scorers if reward is not None else []:

@@ -436,8 +436,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser.add_argument("--data", required=True, help="DreamBench dataset folder (or the folder holding dataset/)")
     parser.add_argument("--dino", required=True, help="DINO transformers folder (e.g. facebook/dino-vits16)")
     parser.add_argument("--clip", required=True, help="CLIP transformers folder (e.g. openai/clip-vit-base-patch32)")
-    parser.add_argument("--model", required=True, help="'tiny', a diffusers folder or a .safetensors checkpoint")
-    parser.add_argument("--tokenizer-dir", help="CLIP tokenizer folder, for single-file checkpoints")
+    cli.add_model_arguments(parser, required=True)
     parser.add_argument("--lora", nargs="*", action="extend", default=[], metavar="SUBJECT=PATH",
                         help="a LoRA used for that subject's images (other subjects use the bare model)")
     parser.add_argument("--subjects", nargs="*", help="evaluate only these subjects (default: all present)")
@@ -468,7 +467,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         weights = _file_digest(path) if path else "no LoRA"
         return hashlib.sha256(f"{settings}|{weights}".encode()).hexdigest()[:16]
 
-    pipe = load_pipeline(args.model, device=device, tokenizer_dir=args.tokenizer_dir)
+    pipe = load_pipeline(args.model, device=device, **cli.model_kwargs(args))
     # encoders in float32: the metric is reported to three decimals, which bf16 embeddings would not hold
     dino = load_reward("dino", args.dino, device=device, dtype=torch.float32)
     clip = load_reward("clip", args.clip, device=device, dtype=torch.float32)

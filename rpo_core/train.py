@@ -494,13 +494,13 @@ def train_rpo(pipe, encoder: RewardModel, references: torch.Tensor, config: RPOC
 def main(argv=None):
     from accelerate import Accelerator
 
-    from r0_core.loading import TINY, load_pipeline
+    from r0_core.loading import TINY_NAMES, load_pipeline
     from r0_core.train import parse_reward, read_prompts, resolve_precision
 
     from .references import load_references
 
     parser = cli.make_parser("rpo_core.train", __doc__)
-    parser.add_argument("--model", default="tiny", help="tiny, a diffusers folder or a single-file checkpoint")
+    cli.add_model_arguments(parser)
     parser.add_argument("--references", required=True, help="a folder of the subject's images")
     parser.add_argument("--encoder", default="clip:tiny",
                         help="the λ-Harmonic encoder as family:path[:support], e.g. align:/models/align-base")
@@ -517,12 +517,12 @@ def main(argv=None):
 
     values = cli.config_values(args, names)
     prompts = (read_prompts(args.prompts_file) if args.prompts_file
-               else default_prompts(values["token"], values["class_name"], tiny=args.model == TINY))
+               else default_prompts(values["token"], values["class_name"], tiny=args.model in TINY_NAMES))
     config = RPOConfig(prompts=prompts, validation_prompts=read_prompts(args.validation_prompts_file)
                        if args.validation_prompts_file else None, **values)
     accelerator = Accelerator(mixed_precision=resolve_precision(config.mixed_precision,
                                                                 "cuda" if torch.cuda.is_available() else "cpu"))
-    pipe = load_pipeline(args.model, device=accelerator.device)
+    pipe = load_pipeline(args.model, device=accelerator.device, **cli.model_kwargs(args))
     encoder, _ = parse_reward(args.encoder)
     encoder.to(accelerator.device)
     size = backbone(pipe).config.sample_size * pipe.vae_scale_factor

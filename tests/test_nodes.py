@@ -3,10 +3,11 @@ import pytest
 import torch
 
 from nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, bridge
-from nodes.r0_nodes import (_CACHE, TINY, R0FewStepGenerate, R0LoadPipeline, comfy_sample_r0, get_pipeline,
+from nodes.r0_nodes import (_CACHE, R0FewStepGenerate, R0LoadPipeline, comfy_sample_r0, get_pipeline,
                             parse_timesteps, resolve_model)
 from r0_core.denoisers import DiffusersDenoiser
 from r0_core.family import encode_prompts
+from r0_core.loading import TINY, TINY_NAMES
 from r0_core.sampler import sample_r0
 from r0_core.schedule import r0_sigmas, sigmas_from_alphas_cumprod
 
@@ -48,11 +49,11 @@ def test_node_ids_and_input_order_are_stable():
 
 
 def test_loader_caches_by_path_dtype_device():
-    assert "tiny" in R0LoadPipeline.INPUT_TYPES()["required"]["model"][0]
+    assert set(TINY_NAMES) <= set(R0LoadPipeline.INPUT_TYPES()["required"]["model"][0])
     first = R0LoadPipeline().load("tiny", "auto", "auto")[0]
     assert R0LoadPipeline().load("tiny", "auto", "auto")[0] is first
     # ComfyUI runs nodes in inference mode; the loader leaves it so trainers can use the cached weights
-    _CACHE.pop((TINY, "fp32", "cpu"), None)
+    _CACHE.pop((TINY, "fp32", "cpu", None), None)
     with torch.inference_mode():
         other = R0LoadPipeline().load("tiny", "fp32", "cpu")[0]
     assert other is not first
@@ -69,7 +70,7 @@ def test_model_names_resolve_only_inside_model_folders(tmp_path, monkeypatch):
         resolve_model("checkpoints/../../etc/passwd")
     with pytest.raises(FileNotFoundError, match="models/checkpoints"):
         resolve_model("checkpoints/missing.safetensors")
-    with pytest.raises(ValueError, match="expected 'tiny'"):
+    with pytest.raises(ValueError, match="expected one of tiny, tiny-sdxl, tiny-sd3"):
         resolve_model("loras/x.safetensors")
     # a model the user keeps elsewhere and links into the folder is listed, and what is listed resolves
     (tmp_path / "elsewhere").mkdir()

@@ -211,7 +211,7 @@ def test_an_sd3_file_needs_a_matching_config_folder(written, tmp_path):
             os.remove(f)
     with pytest.raises(ModelLoadError, match=r"holds no tokenizer.*tokenizer_dir=<.*got tokenizer_dir=None"):
         load_pipeline(path, config_dir=bare)
-    # config_dir means nothing to the families with bundled configs
+    # config_dir means nothing to SD 1.x files (their configs are bundled)
     sd15 = convert.save_original_checkpoint(load_pipeline(), tmp_path / "tiny-sd15.safetensors")
-    with pytest.raises(ModelLoadError, match="config_dir is for SD3 single-file checkpoints"):
+    with pytest.raises(ModelLoadError, match="config_dir is for SD3 and SDXL single-file checkpoints"):
         load_pipeline(sd15, config_dir=config)
