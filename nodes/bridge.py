@@ -52,6 +52,17 @@ def interrupt() -> None:
     raise Cancelled
 
 
+def free_memory() -> None:
+    """After the pack drops a model: return the freed GPU memory to the driver, as ComfyUI does."""
+    import torch
+
+    if _comfy_utils is not None:
+        import comfy.model_management as mm
+        mm.soft_empty_cache()
+    elif torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def output_dir() -> str:
     """ComfyUI's output folder (standalone: $R0_OUTPUT_DIR, default ./out)."""
     if _folder_paths is not None:

@@ -9,6 +9,7 @@ import torch
 from r0_core import lora
 from r0_core.generate import generate
 from r0_core import family
+from r0_core.caching import ModelCache
 from r0_core.loading import TINY_NAMES, load_pipeline
 from r0_core.sampler import sample_r0, vp_noise_scaling
 from r0_core.schedule import r0_sigmas
@@ -17,7 +18,9 @@ from . import bridge
 
 PIPELINE = "R0_PIPELINE"
 DTYPES = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-_CACHE: dict[tuple, dict] = {}  # (path, dtype, device) -> loaded pipeline, kept between runs
+# (path, dtype, device, config folder) -> loaded pipeline, kept between runs: at most R0_MAX_PIPELINES (default 2),
+# the least recently used dropped first (the pack's pipelines live outside ComfyUI's model management)
+_CACHE = ModelCache("R0_MAX_PIPELINES", 2, on_drop=bridge.free_memory)
 
 
 def model_choices() -> list[str]:
@@ -44,14 +47,15 @@ def get_pipeline(choice: str, dtype: str = "auto", device: str = "auto", config_
     path = resolve_model(choice)
     config_dir = None if config_folder == NO_CONFIG else bridge.resolve("diffusers", config_folder)
     key = (path, dtype, device, config_dir)
-    if key not in _CACHE:
+
+    def load():
         # load outside inference mode: the cached modules must stay trainable for the R0 and RPO trainers
         with torch.inference_mode(False):
             pipe = load_pipeline(path, device=None if device == "auto" else device, dtype=DTYPES[dtype],
                                  tokenizer_dir=bridge.sd_tokenizer_dir(), config_dir=config_dir)
         pipe.set_progress_bar_config(disable=True)
-        _CACHE[key] = {"pipe": pipe, "path": path, "device": family.backbone(pipe).device, "loras": []}
-    return _CACHE[key]
+        return {"pipe": pipe, "path": path, "device": family.backbone(pipe).device, "loras": []}
+    return _CACHE.get_or_load(key, load)
 
 
 def size_input(side: str) -> tuple:

@@ -132,3 +132,19 @@ def test_sigmas_node_schedule():
     assert parse_timesteps("") is None
     with pytest.raises(ValueError, match="comma-separated"):
         parse_timesteps("999;500")
+
+
+def test_the_pipeline_cache_keeps_the_most_recently_used(monkeypatch):
+    """R0_MAX_PIPELINES bounds what the pack keeps loaded outside ComfyUI's model management."""
+    monkeypatch.setenv("R0_MAX_PIPELINES", "1")
+    first = get_pipeline("tiny", "fp32", "cpu")
+    assert get_pipeline("tiny", "fp32", "cpu") is first and len(_CACHE) == 1
+    other = get_pipeline("tiny", "auto", "cpu")   # another key: the older pipeline is dropped
+    assert other is not first and list(_CACHE) == [(TINY, "auto", "cpu", None)]
+    monkeypatch.setenv("R0_MAX_PIPELINES", "2")
+    assert get_pipeline("tiny", "fp32", "cpu") is not first and len(_CACHE) == 2
+    get_pipeline("tiny", "auto", "cpu")            # used again: now the most recent
+    assert list(_CACHE)[-1] == (TINY, "auto", "cpu", None)
+    monkeypatch.setenv("R0_MAX_PIPELINES", "0")
+    with pytest.raises(ValueError, match="R0_MAX_PIPELINES='0'"):
+        get_pipeline("tiny", "fp16", "cpu")

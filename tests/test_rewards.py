@@ -73,6 +73,14 @@ def test_models_are_cached_and_offloaded():
     assert not any(p.requires_grad for p in a.parameters()) and not a.training
     offload()
     assert next(a.parameters()).device.type == "cpu"
+
+
+def test_the_reward_cache_keeps_the_most_recently_used(monkeypatch):
+    monkeypatch.setenv("R0_MAX_REWARD_MODELS", "1")
+    a = load_reward("clip", TINY, device="cpu")
+    assert load_reward("clip", TINY, device="cpu") is a
+    load_reward("aesthetic", TINY, device="cpu")                # the clip scorer is dropped
+    assert load_reward("clip", TINY, device="cpu") is not a
     with pytest.raises(ValueError, match="tiny world has no 'pickscore'"):   # the tiny world has no PickScore
         load_reward("pickscore", TINY)
     with pytest.raises(ValueError, match="choose one of clip, hpsv2"):

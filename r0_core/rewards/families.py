@@ -5,7 +5,8 @@ A family reads its main file or folder (`path`) and, where the official release 
 the aesthetic head. A companion defaults to the main file's own folder, so one folder in models/reward_models
 holding everything just works. An HPS checkpoint may have open_clip's `open_clip_config.json` beside it, whose
 head counts and activation HPSv2 then uses (open_clip reads a model's architecture from that config, not from its
-tensors). Loaded scorers are cached by family, paths, dtype and device.
+tensors). Loaded scorers are cached by family, paths, dtype and device (r0_core.caching: the most recently used
+R0_MAX_REWARD_MODELS, default 4).
 
 `path="tiny"` selects the tiny world's own model of a family: its CLIP, or the HPS, ImageReward and aesthetic
 models that r0_core.tiny.reward_stack learns from the world's oracle."""
@@ -17,6 +18,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ..caching import ModelCache
 from ..loading import (TINY, TINY_AESTHETIC, TINY_CLIP_DIR, TINY_HPS, TINY_IMAGE_REWARD, ModelLoadError,
                        load_failure, pick_device_dtype)
 from .aesthetic import AestheticScore
@@ -99,7 +101,13 @@ def _required(support: Optional[str], family: str) -> str:
     return support
 
 
-_CACHE: dict[tuple, RewardModel] = {}
+# at most R0_MAX_REWARD_MODELS scorers (default 4: the full mix and one more), the least recently used dropped first
+def _free_gpu() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+_CACHE = ModelCache("R0_MAX_REWARD_MODELS", 4, on_drop=_free_gpu)
 
 
 def load_reward(family: str, path: str, support: Optional[str] = None, device=None, dtype=None) -> RewardModel:
@@ -113,7 +121,8 @@ def load_reward(family: str, path: str, support: Optional[str] = None, device=No
         support = support or default
     device, dtype = pick_device_dtype(device, dtype)
     key = (family, os.path.realpath(path), support and os.path.realpath(support), str(dtype), str(device))
-    if key not in _CACHE:
+
+    def load():
         # load outside inference mode: trainers need the weights as ordinary tensors to backprop through
         with torch.inference_mode(False):
             try:
@@ -122,8 +131,8 @@ def load_reward(family: str, path: str, support: Optional[str] = None, device=No
                 raise
             except Exception as e:  # the libraries' own errors, named and explained
                 raise load_failure(f"the {family} reward", path, e) from e
-        _CACHE[key] = scorer.to(device, dtype).eval().requires_grad_(False)
-    return _CACHE[key].to(device)
+        return scorer.to(device, dtype).eval().requires_grad_(False)
+    return _CACHE.get_or_load(key, load).to(device)
 
 
 def offload() -> None:
