@@ -5,8 +5,8 @@
   ratio 1  = R0 sampler wall time (noise, K steps, VAE decode) / floor
   ratio 2  = R0 sampler wall time / diffusers' own pipeline of the family at the same K steps (DDIM for the UNet
              families, FlowMatchEuler for SD3)
-Families: the tiny world's SD model, and tiny random SDXL and SD3 pipelines (r0_core.tiny.architectures: the
-real block structure at small widths; speed does not depend on the weights). All three timings start from the
+Families: the tiny world's models of each architecture (tiny, tiny-sdxl, tiny-sd3: the real block structure at
+small widths). All three timings start from the
 same encoded prompts (text encoding is outside the sampler). Each figure is the median of --repeats interleaved
 runs, with the spread of the per-repeat ratios.
 Writes benchmarks/results/sampler_speed.json and .md (--results for another folder).
@@ -23,7 +23,6 @@ import torch
 from r0_core.family import backbone, conditioning, decode, is_flow, latent_shape, sampler_sigmas
 from r0_core.generate import sample_latents
 from r0_core.loading import TINY, load_pipeline
-from r0_core.tiny.architectures import random_pipeline
 from r0_core.tiny.evaluate import eval_prompts
 from r0_core.tiny.protocol import write_results
 
@@ -40,8 +39,9 @@ def markdown(report: dict) -> str:
              f"CFG) plus one VAE decode, and the family's own diffusers pipeline at the same K. Each time is the "
              f"median of {report['repeats']} interleaved runs, the ratios' spread over the repeats in brackets; "
              f"batch {report['batch']}, CFG {report['guidance']:g}, device {report['device']}, "
-             f"{report['torch_threads']} torch threads ({report['cpu_count']} CPUs). tiny: the world's SD model; "
-             f"sdxl, sd3: tiny random pipelines of those architectures.", "",
+             f"{report['torch_threads']} torch threads ({report['cpu_count']} CPUs). The world's tiny model of each "
+             f"family (tiny, tiny-sdxl, tiny-sd3). 1-minute load average {report['load_average_start']} at the "
+             f"start and {report['load_average_end']} at the end (near 0 before the run: idle cores).", "",
              "| family | steps | R0 s | floor s | diffusers s | R0/floor | R0/diffusers |", "|---|---|---|---|---|---|---|"]
     for family, rows in report["families"].items():
         for steps, r in rows.items():
@@ -53,7 +53,7 @@ def markdown(report: dict) -> str:
 
 
 def family_pipeline(family: str):
-    return load_pipeline(TINY) if family == "tiny" else random_pipeline(family)
+    return load_pipeline(TINY if family == "tiny" else f"tiny-{family}", device="cpu", dtype=torch.float32)
 
 
 def floor_call(pipe, c: dict, latents: torch.Tensor, sigmas: torch.Tensor, guided: bool):
@@ -122,7 +122,8 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     prompts = eval_prompts("pair", args.batch)
     report = {"device": "cpu", "batch": args.batch, "guidance": args.guidance, "repeats": args.repeats,
-              "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "families": {}}
+              "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+              "load_average_start": round(os.getloadavg()[0], 2), "families": {}}
     with torch.no_grad():
         for family in args.families.split(","):
             pipe = family_pipeline(family)
@@ -133,6 +134,7 @@ def main(argv=None):
                 report["families"][family][steps] = r
                 print(f"{family} {steps:3d} steps: R0/floor {r['r0_over_floor']:.3f}, "
                       f"R0/diffusers {r['r0_over_diffusers']:.3f}", flush=True)
+    report["load_average_end"] = round(os.getloadavg()[0], 2)
     text = markdown(report)
     paths = write_results("sampler_speed", report, text, args.results)
     print(text + f"\nwrote {', '.join(paths)}")

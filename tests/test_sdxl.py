@@ -1,6 +1,7 @@
-"""SDXL (two text encoders, pooled embeddings, time ids) on a tiny random SDXL pipeline: the R0 sampler at η = 0
-equals diffusers' own StableDiffusionXLPipeline with DDIM on the same timesteps; R0, R0+, test-time R0 and RPO
-train on it, and R0's LoRA file loads in diffusers' SDXL pipeline."""
+"""SDXL (two text encoders, pooled embeddings, time ids) on the shipped tiny SDXL model of the world (tiny-sdxl):
+it draws the world at 4 steps; the R0 sampler at η = 0 equals diffusers' own StableDiffusionXLPipeline with DDIM on
+the same timesteps; R0, R0+, test-time R0 and RPO train on it, and R0's LoRA file loads in diffusers' SDXL
+pipeline."""
 import copy
 import dataclasses
 import math
@@ -10,19 +11,43 @@ import pytest
 import torch
 
 from r0_core.generate import generate
-from r0_core.loading import TINY
-from r0_core.tiny.architectures import random_pipeline
-from tests.family_parity import PROMPTS, check_eta_0_is_diffusers
+from r0_core.loading import TINY, TINY_FAMILIES, TINY_PIPELINE_DIR, ModelLoadError, load_pipeline
+from tests.family_parity import PROMPTS, check_eta_0_is_diffusers, one_object_accuracy
 
 
 @pytest.fixture(scope="module")
 def pipe():
-    return random_pipeline("sdxl")
+    return load_pipeline("tiny-sdxl", device="cpu", dtype=torch.float32)
+
+
+def test_the_tiny_sdxl_model_draws_the_world(pipe):
+    assert type(pipe).__name__ == "StableDiffusionXLPipeline"
+    assert one_object_accuracy(pipe) >= 0.6
+
+
+def test_the_tiny_sdxl_model_as_one_single_file_loads_to_the_same_images(pipe, tmp_path):
+    """SDXL's original layout (OpenCLIP keys for the second encoder, label_emb for the added embedding), read back
+    with the shipped folder's configs since the tiny model is not SDXL base's size."""
+    from safetensors import safe_open
+
+    from r0_core.convert import save_original_checkpoint
+
+    path = save_original_checkpoint(pipe, tmp_path / "tiny-sdxl.safetensors")
+    with safe_open(path, framework="pt") as f:
+        keys = set(f.keys())
+    assert {"model.diffusion_model.label_emb.0.0.weight", "conditioner.embedders.1.model.text_projection",
+            "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight",
+            "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight"} <= keys
+    loaded = load_pipeline(str(path), device="cpu", dtype=torch.float32, config_dir=TINY_FAMILIES["tiny-sdxl"])
+    ours, _ = generate(loaded, PROMPTS, steps=2, guidance=2.0, seeds=[3, 4])
+    assert (ours - generate(pipe, PROMPTS, steps=2, guidance=2.0, seeds=[3, 4])[0]).abs().max() < 1e-4
+    with pytest.raises(ModelLoadError, match="describes a StableDiffusionPipeline, but checkpoint .* is SDXL"):
+        load_pipeline(str(path), config_dir=TINY_PIPELINE_DIR)
 
 
 @pytest.mark.parametrize("guidance", [1.0, 3.0])
 def test_eta_0_is_diffusers_sdxl_with_ddim(pipe, guidance):
-    theirs, _ = check_eta_0_is_diffusers(pipe, guidance, latent_side=8, pixels=64)   # time ids of another size
+    theirs, _ = check_eta_0_is_diffusers(pipe, guidance, latent_side=16, pixels=48)   # time ids of another size
     assert theirs.std() > 0.1
 
 
@@ -77,7 +102,6 @@ def test_test_time_r0_refines_sdxl_noise(pipe):
     from r0_core.test_time import refine_noise
 
     prompt = PROMPTS[1]
-    # the tiny aesthetic head: CLIP score is clipped at 0, where this random model's images sit
     result = refine_noise(pipe, load_reward("aesthetic", TINY), prompt, iterations=2, steps=2, seed=7,
                           cfg_reward_weight=1.0)
     plain, _ = generate(pipe, [prompt], steps=2, seeds=[7])
@@ -90,7 +114,9 @@ def test_rpo_trains_on_sdxl(pipe, reward, tmp_path):
     """RPO's diffusion and preference losses with SDXL's added conditioning, on references at the model's size."""
     from rpo_core.train import RPOConfig, train_rpo
 
-    references = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    from r0_core.tiny import subjects
+
+    references = torch.from_numpy(subjects.references(subjects.SUBJECTS[0], n=2)).permute(0, 3, 1, 2).float()
     config = RPOConfig(token="vum", class_name="circle", prompts=["a vum circle on the left"], iterations=2,
                        batch_size=2, lora_rank=4, negatives_per_prompt=2, validate_every=1, validation_images=1,
                        validation_prompts=["a vum circle below a red square"], sampler_steps=2)
