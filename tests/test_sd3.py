@@ -1,6 +1,7 @@
-"""SD3 (rectified flow) on a tiny random StableDiffusion3Pipeline: few-step generation equals diffusers' own pipeline
-at η = 0; R0 (with the implicit CFG reward), test-time R0 and RPO (flow-matching loss) train on it through the
-same code as the UNet families, and R0's LoRA file loads in diffusers' SD3 pipeline and through load_lora."""
+"""SD3 (rectified flow) on the shipped tiny SD3 model of the world (tiny-sd3; it draws the world's colours but not
+yet its shapes, see build_info.json): few-step generation equals diffusers' own pipeline at η = 0; R0 (with the implicit CFG reward), test-time R0 and
+RPO (flow-matching loss) train on it through the same code as the UNet families; R0's LoRA file loads in diffusers'
+SD3 pipeline and through load_lora; and the model written as one single file loads back to the same images."""
 import copy
 import math
 import os
@@ -9,14 +10,22 @@ import pytest
 import torch
 
 from r0_core.generate import generate
-from r0_core.loading import TINY
-from r0_core.tiny.architectures import random_pipeline
+from r0_core.loading import TINY, TINY_FAMILIES, load_pipeline
 from tests.family_parity import PROMPTS, check_eta_0_is_diffusers
 
 
 @pytest.fixture(scope="module")
 def pipe():
-    return random_pipeline("sd3")
+    return load_pipeline("tiny-sd3", device="cpu", dtype=torch.float32)
+
+
+def test_the_tiny_sd3_model_as_one_single_file_loads_to_the_same_images(pipe, tmp_path):
+    from r0_core.convert import save_original_checkpoint
+
+    path = save_original_checkpoint(pipe, tmp_path / "tiny-sd3.safetensors")
+    loaded = load_pipeline(str(path), device="cpu", dtype=torch.float32, config_dir=TINY_FAMILIES["tiny-sd3"])
+    ours, _ = generate(loaded, PROMPTS, steps=2, guidance=2.0, seeds=[3, 4])
+    assert (ours - generate(pipe, PROMPTS, steps=2, guidance=2.0, seeds=[3, 4])[0]).abs().max() < 1e-4
 
 
 @pytest.mark.parametrize("guidance", [1.0, 3.0])
@@ -70,7 +79,9 @@ def test_test_time_r0_and_rpo_train_on_sd3(pipe, tmp_path):
     assert (refined.initial_images - generate(pipe, PROMPTS[1:], steps=2, seeds=[7])[0]).abs().max() < 1e-5
     assert refined.rewards[1:].max() > refined.rewards[0]
 
-    references = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    from r0_core.tiny import subjects
+
+    references = torch.from_numpy(subjects.references(subjects.SUBJECTS[0], n=2)).permute(0, 3, 1, 2).float()
     config = RPOConfig(token="vum", class_name="circle", prompts=["a vum circle on the left"], iterations=1,
                        batch_size=2, lora_rank=4, negatives_per_prompt=2, validate_every=1, validation_images=1,
                        validation_prompts=["a vum circle below a red square"], sampler_steps=2)
