@@ -5,6 +5,10 @@
   ratio 1  = R0 sampler wall time (noise, K steps, VAE decode) / floor
   ratio 2  = R0 sampler wall time / diffusers' own pipeline of the family at the same K steps (DDIM for the UNet
              families, FlowMatchEuler for SD3)
+  same-call ratios: the time inside the backbone's calls is also clocked during each R0 and diffusers call (forward
+             hooks), so "R0 / its own backbone calls + decode" and the two callers' overheads divided are measured
+             within one call: the machine's drift between calls, which spreads the ratios above by several per
+             cent on a shared CPU, cancels.
 Families: the tiny world's models of each architecture (tiny, tiny-sdxl, tiny-sd3: the real block structure at
 small widths). All three timings start from the
 same encoded prompts (text encoding is outside the sampler). Each figure is the median of --repeats interleaved
@@ -42,13 +46,19 @@ def markdown(report: dict) -> str:
              f"{report['torch_threads']} torch threads ({report['cpu_count']} CPUs). The world's tiny model of each "
              f"family (tiny, tiny-sdxl, tiny-sd3). 1-minute load average {report['load_average_start']} at the "
              f"start and {report['load_average_end']} at the end (near 0 before the run: idle cores).", "",
-             "| family | steps | R0 s | floor s | diffusers s | R0/floor | R0/diffusers |", "|---|---|---|---|---|---|---|"]
+             "| family | steps | R0 s | floor s | diffusers s | R0/floor | R0/diffusers | R0/own floor, same call "
+             "| diffusers/own floor | R0/diffusers, same call |", "|---|---|---|---|---|---|---|---|---|---|"]
+    span = lambda r, k: f"{r[k]:.3f} [{r[k + '_range'][0]:.3f}, {r[k + '_range'][1]:.3f}]"  # noqa: E731
     for family, rows in report["families"].items():
         for steps, r in rows.items():
             lines.append(f"| {family} | {steps} | {r['r0_s']:.3f} | {r['floor_s']:.3f} | {r['diffusers_s']:.3f} | "
-                         f"{r['r0_over_floor']:.3f} [{r['r0_over_floor_range'][0]:.3f}, "
-                         f"{r['r0_over_floor_range'][1]:.3f}] | {r['r0_over_diffusers']:.3f} "
-                         f"[{r['r0_over_diffusers_range'][0]:.3f}, {r['r0_over_diffusers_range'][1]:.3f}] |")
+                         f"{span(r, 'r0_over_floor')} | {span(r, 'r0_over_diffusers')} | "
+                         f"{span(r, 'r0_over_own_floor')} | {r['diffusers_over_own_floor']:.3f} | "
+                         f"{span(r, 'r0_over_diffusers_same_call')} |")
+    lines += ["", "Same call: each R0 or diffusers call's wall time over the seconds it spent inside the backbone's "
+              "and the VAE decoder's forward calls (clocked by hooks during that call), the median over the repeats "
+              "with its range; R0/diffusers, same call = the ratio of the two callers' overheads. The drift of a "
+              "shared machine between calls cancels in these."]
     return "\n".join(lines)
 
 
@@ -88,6 +98,33 @@ def diffusers_call(pipe, c: dict, steps: int, guidance: float):
     return lambda: pipe(num_inference_steps=steps, guidance_scale=guidance, output_type="pt", **kwargs)
 
 
+class Clock:
+    """Seconds spent inside a module's forward calls (hooks): what a call spends in the backbone and the decoder."""
+
+    def __init__(self, module):
+        self.seconds, self._start = 0.0, 0.0
+        self.handles = [module.register_forward_pre_hook(self._enter), module.register_forward_hook(self._leave)]
+
+    def _enter(self, *_):
+        self._start = time.perf_counter()
+
+    def _leave(self, *_):
+        self.seconds += time.perf_counter() - self._start
+
+    def close(self):
+        for handle in self.handles:
+            handle.remove()
+
+
+def own_ratio(call, clocks) -> float:
+    """A call's wall time over the seconds its clocked modules spent inside it (its own floor)."""
+    for clock in clocks:
+        clock.seconds = 0.0
+    started = time.perf_counter()
+    call()
+    return (time.perf_counter() - started) / sum(clock.seconds for clock in clocks)
+
+
 def measure(pipe, prompts, steps: int, guidance: float, repeats: int) -> dict:
     c = conditioning(pipe, prompts, guidance)
     sigmas = sampler_sigmas(pipe, steps)
@@ -103,10 +140,29 @@ def measure(pipe, prompts, steps: int, guidance: float, repeats: int) -> dict:
             runs[name].append(timed(fn))
     median = {name: statistics.median(t) for name, t in runs.items()}
     ratio = lambda ref: [r / f for r, f in zip(runs["r0"], runs[ref])]  # noqa: E731
-    return {**{f"{k}_s": round(v, 4) for k, v in median.items()},
+    own = same_call_ratios(pipe, c, steps, guidance, repeats)
+    return {**{f"{k}_s": round(v, 4) for k, v in median.items()}, **own,
             "r0_over_floor": median["r0"] / median["floor"], "r0_over_diffusers": median["r0"] / median["diffusers"],
             "r0_over_floor_range": [min(ratio("floor")), max(ratio("floor"))],
             "r0_over_diffusers_range": [min(ratio("diffusers")), max(ratio("diffusers"))]}
+
+
+def same_call_ratios(pipe, c: dict, steps: int, guidance: float, repeats: int) -> dict:
+    """R0's and diffusers' wall time over their own backbone and VAE-decoder seconds, each within one call."""
+    clocks = [Clock(backbone(pipe)), Clock(pipe.vae.decoder)]
+    r0 = lambda: decode(pipe, sample_latents(pipe, **c, steps=steps, guidance=guidance))  # noqa: E731
+    theirs = diffusers_call(pipe, c, steps, guidance)
+    r0_own, diffusers_own = [], []
+    for _ in range(repeats):
+        r0_own.append(own_ratio(r0, clocks))
+        diffusers_own.append(own_ratio(theirs, clocks))
+    for clock in clocks:
+        clock.close()
+    over = [a / b for a, b in zip(r0_own, diffusers_own)]
+    return {"r0_over_own_floor": statistics.median(r0_own), "r0_over_own_floor_range": [min(r0_own), max(r0_own)],
+            "diffusers_over_own_floor": statistics.median(diffusers_own),
+            "r0_over_diffusers_same_call": statistics.median(over),
+            "r0_over_diffusers_same_call_range": [min(over), max(over)]}
 
 
 def main(argv=None):
