@@ -59,6 +59,9 @@ def test_shipped_weights_are_small_safetensors():
     assert tensors and all(p.suffix == ".safetensors" for p in tensors)
     assert sum(p.stat().st_size for p in files) < 60 * 2 ** 20
     assert max(p.stat().st_size for p in files) < 20 * 2 ** 20
+    # no config records the machine it was built on (a build must not ship its own absolute paths)
+    configs = [p for p in files if p.suffix == ".json" and '"/' in p.read_text()]
+    assert not configs, configs
 
 
 def test_build_command_is_seeded_and_resumes_exactly(tmp_path, monkeypatch):

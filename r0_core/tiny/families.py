@@ -16,6 +16,7 @@ with build_info.json holding the settings, the seconds and the oracle's accuracy
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import os
 import shutil
@@ -191,6 +192,12 @@ def save(cfg: FamilyBuildConfig, out: str, pipe, seconds: float, measured: dict)
     pipe.to(torch.float16)   # every weight in fp16 (loaders cast to the pipeline's dtype): 9-13 MB a family
     pipe.save_pretrained(tmp, safe_serialization=True)
     pipe.to(torch.float32)
+    for config in glob.glob(os.path.join(tmp, "*", "config.json")):
+        with open(config) as f:
+            values = json.load(f)
+        if values.pop("_name_or_path", None) is not None:   # the frozen parts' source folder on this machine
+            with open(config, "w") as f:
+                json.dump(values, f, indent=2, sort_keys=True)
     with open(os.path.join(tmp, "build_info.json"), "w") as f:
         json.dump({"build_config": dataclasses.asdict(cfg), "build_seconds": round(seconds),
                    "oracle_accuracy_validation": measured}, f, indent=1)
