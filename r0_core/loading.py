@@ -286,7 +286,8 @@ def _load_single_file(path: str, device, dtype, tokenizer_dir: Optional[str], co
     if architecture == "tiny":
         config, extra = TINY_PIPELINE_DIR, {}
     elif config_dir is not None:   # an SDXL file of other sizes than SDXL base's (the tiny SDXL, say)
-        config, extra = _sdxl_config(path, config_dir), {}
+        config, extra = config_dir, {}
+        index = _family_config(path, config, "StableDiffusionXLPipeline", "SDXL")
         if tokenizer_dir is not None or not all(_has_tokenizer_files(os.path.join(config, t))
                                                 for t in ("tokenizer", "tokenizer_2")):
             extra = {"tokenizer": _load_tokenizer(tokenizer_dir, architecture),
@@ -294,7 +295,7 @@ def _load_single_file(path: str, device, dtype, tokenizer_dir: Optional[str], co
         widths = (shapes.get("conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight"),
                   shapes.get("conditioner.embedders.1.model.positional_embedding"))
         if None not in widths and widths[0][-1] == widths[1][-1]:
-            extra["text_encoder_2"] = _sdxl_open_clip(path, config, _check_folder(config, False)[1], dtype)
+            extra["text_encoder_2"] = _sdxl_open_clip(path, config, index, dtype)
     else:
         config = os.path.join(CONFIGS_DIR, architecture)
         extra = {"tokenizer": _load_tokenizer(tokenizer_dir, architecture)}
@@ -328,16 +329,16 @@ def _refuse_unloaded(pipe, parts, path: str, config: str) -> None:
                                  f"folder describes a larger model")
 
 
-def _sdxl_config(path: str, config_dir: str) -> str:
-    """The config folder for an SDXL single file, after checking it is one."""
+def _family_config(path: str, config_dir: str, pipeline_class: str, family: str) -> dict:
+    """model_index.json of a single file's config folder, after checking the folder is of the file's family."""
     if not os.path.isdir(config_dir):
-        raise ModelLoadError(f"config_dir {config_dir} is not a folder; pass a local diffusers SDXL folder whose "
-                             f"configs describe checkpoint {path}")
-    class_name, _ = _check_folder(config_dir, components=False)
-    if class_name != "StableDiffusionXLPipeline":
-        raise ModelLoadError(f"config_dir {config_dir} describes a {class_name}, but checkpoint {path} is SDXL; "
-                             f"pass an SDXL (StableDiffusionXLPipeline) diffusers folder")
-    return config_dir
+        raise ModelLoadError(f"config_dir {config_dir} is not a folder; an {family} single-file checkpoint ({path}) "
+                             f"needs a local diffusers {family} folder whose configs describe it")
+    class_name, index = _check_folder(config_dir, components=False)
+    if class_name != pipeline_class:
+        raise ModelLoadError(f"config_dir {config_dir} describes a {class_name}, but checkpoint {path} is {family}; "
+                             f"pass an {family} ({pipeline_class}) diffusers folder")
+    return index
 
 
 def _sd3_config(path: str, config_dir: Optional[str], has_t5: bool) -> tuple[str, dict]:
@@ -350,13 +351,7 @@ def _sd3_config(path: str, config_dir: Optional[str], has_t5: bool) -> tuple[str
             f"config_dir=<a local diffusers SD3 folder: model_index.json and the config.json of transformer/, vae/, "
             f"text_encoder/, text_encoder_2/ (text_encoder_3/ for a file with T5) and scheduler/, for example a copy "
             f"of stabilityai/stable-diffusion-3-medium-diffusers; its weights are not needed> (got config_dir=None)")
-    if not os.path.isdir(config):
-        raise ModelLoadError(f"config_dir {config} is not a folder; an SD3 single-file checkpoint needs a local "
-                             f"diffusers SD3 folder for its configs")
-    class_name, index = _check_folder(config, components=False)
-    if class_name != "StableDiffusion3Pipeline":
-        raise ModelLoadError(f"config_dir {config} describes a {class_name}, but checkpoint {path} is SD3; pass an "
-                             f"SD3 (StableDiffusion3Pipeline) diffusers folder")
+    index = _family_config(path, config, "StableDiffusion3Pipeline", "SD3")
     needed = ["transformer", "vae", "text_encoder", "text_encoder_2"] + (["text_encoder_3"] if has_t5 else [])
     for part in needed + ["scheduler"]:
         name = "scheduler_config.json" if part == "scheduler" else "config.json"

@@ -25,6 +25,7 @@ PACK = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.getcwd())
 sys.path.insert(1, PACK)
 sys.argv[1:] = ["--cpu"]   # ComfyUI parses its command line when imported, if told to
+from comfy_logs import Messages  # noqa: E402  (beside this script)
 import comfy.options  # noqa: E402
 comfy.options.enable_args_parsing()
 
@@ -107,15 +108,6 @@ def comfy_model(name: str, unet_config: dict):
             p.normal_(0, 0.02)
     return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"),
                                             offload_device=torch.device("cpu"))
-
-
-class Messages(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.lines = []
-
-    def emit(self, record):
-        self.lines.append(record.getMessage())
 
 
 def check(family: str, settings: dict) -> dict:

@@ -21,6 +21,7 @@ torch.set_num_threads(1)   # the check is small; the machine's cores belong to o
 PACK = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.getcwd())
 sys.argv[1:] = ["--cpu"]   # ComfyUI parses its command line when imported, if told to
+from comfy_logs import Messages  # noqa: E402  (beside this script)
 import comfy.options  # noqa: E402
 comfy.options.enable_args_parsing()
 
@@ -44,17 +45,6 @@ PROMPTS = ["a red circle on the left", "a blue square above a green triangle", "
 TOLERANCE = {"conditioning": 1e-5, "denoiser": 1e-5, "latents": 1e-4, "images": 1e-4,
              # ComfyUI's own fp32 euler (see sampling_rows): bounds on its rounding, not on a mismatch
              "latents_fp32": 5e-2, "images_fp32": 1e-2}
-
-
-class Messages(logging.Handler):
-    """ComfyUI's warnings while a LoRA loads ("lora key not loaded", "NOT LOADED")."""
-
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.lines = []
-
-    def emit(self, record):
-        self.lines.append(record.getMessage())
 
 
 def diff(a, b) -> float:
