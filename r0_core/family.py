@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from . import checks
 from .denoisers import DiffusersDenoiser, FlowDenoiser
 from .sampler import flow_noise_scaling, vp_noise_scaling
-from .schedule import flow_sigmas, scheduler_sigmas
+from .schedule import flow_shift, flow_sigmas, scheduler_sigmas
 
 
 def is_sdxl(pipe) -> bool:
@@ -199,6 +199,17 @@ def encode(pipe, images: torch.Tensor) -> torch.Tensor:
     shift = vae.config.get("shift_factor") or 0.0
     posterior = vae.encode((images * 2 - 1).to(vae.device, vae.dtype)).latent_dist
     return (posterior.mean - shift) * vae.config.scaling_factor
+
+
+def training_timesteps(scheduler, n: int, gen: torch.Generator) -> torch.Tensor:
+    """n training timesteps as the family was trained: uniform over the VP levels; for a flow scheduler, σ from
+    SD3's logit-normal density through the scheduler's shift (as diffusers' SD3 training scripts draw them, so the
+    few high-noise levels a shifted sampler starts from are trained too), as t = σ T."""
+    total = scheduler.config.num_train_timesteps
+    if "shift" in scheduler.config:   # FlowMatchEulerDiscreteScheduler
+        sigma = flow_shift(torch.sigmoid(torch.randn(n, generator=gen)), scheduler.config.shift)
+        return sigma * total
+    return torch.randint(total, (n,), generator=gen)
 
 
 def diffusion_loss(pipe, model, latents: torch.Tensor, c: dict, noise: torch.Tensor,

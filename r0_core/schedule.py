@@ -60,8 +60,11 @@ def flow_sigmas(steps: int, shift: float = 1.0, num_train_timesteps: int = 1000)
         raise ValueError(f"steps={steps}; expected at least 1")
     if not shift > 0:
         raise ValueError(f"shift={shift}; expected a positive number (SD3 uses 3.0)")
-
-    def shifted(sigma):
-        return shift * sigma / (1 + (shift - 1) * sigma)
-    sigmas = shifted(torch.linspace(shifted(1.0), shifted(1 / num_train_timesteps), steps, dtype=torch.float64))
+    top, bottom = flow_shift(torch.tensor([1.0, 1 / num_train_timesteps], dtype=torch.float64), shift)
+    sigmas = flow_shift(torch.linspace(float(top), float(bottom), steps, dtype=torch.float64), shift)
     return torch.cat([sigmas, sigmas.new_zeros(1)]).float()
+
+
+def flow_shift(sigma: torch.Tensor, shift: float) -> torch.Tensor:
+    """SD3's resolution shift σ' = s σ / (1 + (s - 1) σ): more of the schedule (and of training) at high noise."""
+    return shift * sigma / (1 + (shift - 1) * sigma)

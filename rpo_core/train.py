@@ -45,7 +45,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from r0_core import checks, cli, files, lora, memory
-from r0_core.family import backbone, conditional, conditioning, diffusion_loss, encode, join, take
+from r0_core.family import (backbone, conditional, conditioning, diffusion_loss, encode, join, take,
+                            training_timesteps)
 from r0_core.generate import generate
 from r0_core.rewards import LambdaHarmonic, RewardModel
 from r0_core.rewards.composite import lambda_harmonic
@@ -229,7 +230,7 @@ def pair_noise(like: torch.Tensor, scheduler, gen: torch.Generator) -> tuple[tor
     """One noise and one timestep per pair (`like`: one row per pair), so that the two halves of a pair differ
     only in image and prompt and Δ measures the preference, not the luck of the draw."""
     noise = torch.randn(like.shape, generator=gen).to(like)
-    t = torch.randint(scheduler.config.num_train_timesteps, (len(like),), generator=gen).to(like.device)
+    t = training_timesteps(scheduler, len(like), gen).to(like.device)
     return noise, t
 
 

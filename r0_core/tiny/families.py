@@ -117,14 +117,6 @@ def world_latents(cfg: FamilyBuildConfig, work: str, pipe) -> tuple[torch.Tensor
     return saved["latents"], saved["captions"]
 
 
-def training_timesteps(cfg: FamilyBuildConfig, pipe, n: int, gen: torch.Generator) -> torch.Tensor:
-    """VP: uniform training timesteps. Flow: σ from a logit-normal (SD3's training density), as t = σ T."""
-    total = pipe.scheduler.config.num_train_timesteps
-    if family.is_flow(pipe):
-        return torch.sigmoid(torch.randn(n, generator=gen)) * total
-    return torch.randint(0, total, (n,), generator=gen)
-
-
 def train_backbone(cfg: FamilyBuildConfig, work: str, pipe):
     """Train the backbone on the world's latents with the family's own target; EMA weights copied in."""
     from diffusers.training_utils import EMAModel
@@ -147,7 +139,7 @@ def train_backbone(cfg: FamilyBuildConfig, work: str, pipe):
             c = family.join(family.take(family.conditional(c), kept), family.take(family.unconditional(c), empty))
         x0 = latents[idx[torch.cat([kept, empty])]]
         noise = torch.randn(x0.shape, generator=gen)
-        t = training_timesteps(cfg, pipe, len(idx), gen)
+        t = family.training_timesteps(pipe.scheduler, len(idx), gen)
         if step > 0:
             ema.step(model.parameters())
         return family.diffusion_loss(pipe, model, x0, c, noise, t).mean()
