@@ -63,6 +63,25 @@ def chi_shell_penalty(noise: torch.Tensor) -> torch.Tensor:
     return 0.5 * norm ** 2 - (noise[0].numel() - 1) * norm.log()
 
 
+@dataclass
+class FrozenGenerator:
+    """A frozen few-step generator as test-time R0 optimises through it, whoever built it: `frozen_generator`
+    builds one from a diffusers pipeline; the ComfyUI node builds one from a native MODEL and VAE."""
+    denoiser: Callable               # (x, sigma [B], **extra) -> x̂0 in the σ convention, differentiable in x
+    extra: dict                      # keyword arguments of every denoiser call (conditioning, guidance)
+    sigmas: torch.Tensor             # the sampler's schedule, ending at 0
+    noise: torch.Tensor              # [B, C, h, w] fp32 standard-normal start noise: the leaf that moves
+    decode: Callable                 # latents at σ = 0 -> images [B, 3, H, W] in 0..1, differentiable
+    noise_sampler: Callable          # x -> sample_r0's ξ sampler; a fresh one per render draws the same ξ again
+    start: Callable                  # start noise ε -> x at sigmas[0]
+    noise_scaling: Callable          # (σ, ε, x0) -> x at level σ: vp_noise_scaling, flow_noise_scaling, a MODEL's
+    eta: float = 0.0                 # the sampler's fresh-noise share
+    dtype: torch.dtype = torch.float32   # of the latents the denoiser takes
+    modules: Sequence[torch.nn.Module] = ()   # weights held frozen while refining (restored after)
+    latent_scale: float = 1.0        # returned latents = sampled latents / latent_scale
+    guided: Optional[Callable] = None   # (latents, it, normalize) -> the implicit CFG reward's surrogate
+
+
 def refine_noise(pipe, reward: RewardModel, prompt: str | Sequence[str], *, iterations: int = 50,
                  lr: float = 5.0, seed: int = 0, steps: int = 4, eta: float = 0.0, guidance: float = 1.0,
                  batch_size: int = 1, height: Optional[int] = None, width: Optional[int] = None,
@@ -75,25 +94,43 @@ def refine_noise(pipe, reward: RewardModel, prompt: str | Sequence[str], *, iter
     Defaults are ReNO's (lr 5, 50 iterations, gradient-norm clip 0.1, regulariser weight 0.01); the tiny world
     needs fewer iterations (`TINY_WORLD`). Iteration 0 is exactly `generate(pipe, prompts, seeds=[seed + i])`.
     prompt: one prompt for every image, or one per image.
-    reward: any RewardModel. With normalize_gradients its image gradient is scaled to unit norm per image
-        (a WeightedReward whose own `normalize_gradients` is set: each reward's, then weighted, its
-        `r0_surrogate`); without, the raw gradient of the reward, as ReNO takes it.
     cfg_reward_weight: > 0 adds R0's implicit CFG reward (r0_core.rewards.implicit_cfg): the pipeline's own
         guidance direction at a re-noising of the latents, one more normalised, weighted push (it has no value,
         so the best iterate is still chosen by `reward`).
-    callback({"i", "total", "reward", "best_reward", "images", "noise_norm"}) after each step, i = 0..total-1;
-        raise r0_core.sampler.Cancelled there to stop: the best images reached so far come back with
-        `cancelled=True` (any other exception propagates).
-    Works inside torch.inference_mode() (as ComfyUI runs nodes); the pipeline's weights are never changed.
+    The other arguments are `refine`'s. Works inside torch.inference_mode() (as ComfyUI runs nodes).
     """
-    prompts = _check(pipe, reward, prompt, iterations, lr, batch_size, reg_weight, grad_clip, guidance)
+    prompts = _check(reward, prompt, iterations, lr, batch_size, reg_weight, grad_clip)
+    checks.number("guidance", guidance)
+    _check_trainable(("pipeline's backbone", backbone(pipe)), ("pipeline's VAE", pipe.vae))
     memory.images_per_chunk(pipe, batch_size, height, width, cfg=guidance != 1, training=True,
                             what="test-time refinement")
     cfg = ImplicitCFG(cfg_reward_weight, cfg_reward_t_range) if cfg_reward_weight else None
-    with torch.inference_mode(False), torch.enable_grad(), _frozen(backbone(pipe), pipe.vae, reward):
-        render, noise, guided = _generator(pipe, prompts, seed=seed, steps=steps, eta=eta, guidance=guidance,
-                                           height=height, width=width, cfg=cfg)
-        objective = _objective(render, reward, prompts, normalize_gradients, reg_weight, guided)
+    with torch.inference_mode(False):
+        generator = frozen_generator(pipe, prompts, seed=seed, steps=steps, eta=eta, guidance=guidance,
+                                     height=height, width=width, cfg=cfg)
+        return refine(generator, reward, prompts, iterations=iterations, lr=lr, reg_weight=reg_weight,
+                      grad_clip=grad_clip, normalize_gradients=normalize_gradients, callback=callback)
+
+
+def refine(generator: FrozenGenerator, reward: RewardModel, prompts: Sequence[str], *, iterations: int = 50,
+           lr: float = 5.0, reg_weight: float = 0.01, grad_clip: Optional[float] = 0.1,
+           normalize_gradients: bool = True, callback: Optional[Callable[[dict], None]] = None) -> RefineResult:
+    """Test-time R0's loop over any frozen generator: one SGD step on the start noise per iteration.
+
+    reward: any RewardModel, scoring the images against `prompts` (one per image). With normalize_gradients its
+        image gradient is scaled to unit norm per image (a WeightedReward whose own `normalize_gradients` is set:
+        each reward's, then weighted, its `r0_surrogate`); without, the raw gradient of the reward, as ReNO.
+    callback({"i", "total", "reward", "best_reward", "images", "noise_norm"}) after each step, i = 0..total-1;
+        raise r0_core.sampler.Cancelled there to stop: the best images reached so far come back with
+        `cancelled=True` (any other exception propagates).
+    The generator's weights are never changed.
+    """
+    prompts = _check(reward, list(prompts), iterations, lr, len(generator.noise), reg_weight, grad_clip)
+    _check_trainable(("reward", reward))
+    with torch.inference_mode(False), torch.enable_grad(), _frozen(*generator.modules, reward):
+        noise = generator.noise.detach().float().clone().requires_grad_(True)
+        objective = _objective(_renderer(generator), reward, prompts, normalize_gradients, reg_weight,
+                               generator.guided)
         optimizer = torch.optim.SGD([noise], lr=lr, momentum=MOMENTUM, nesterov=True)
         history, best, cancelled = [], None, False
         for it in range(iterations + 1):                     # iterate 0 is the plain sample; N steps follow
@@ -123,14 +160,14 @@ def refine_noise(pipe, reward: RewardModel, prompt: str | Sequence[str], *, iter
             noise.grad = grad
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-    return RefineResult(images=best.images, latents=best.latents / pipe.vae.config.scaling_factor,
+    return RefineResult(images=best.images, latents=best.latents / generator.latent_scale,
                         initial_images=best.initial_images, rewards=torch.stack(history),
                         best_iteration=best.iteration, noise=best.noise, cancelled=cancelled)
 
 
 # ----------------------------------------------------------------------------------------------- pieces
 
-def _check(pipe, reward, prompt, iterations, lr, batch_size, reg_weight, grad_clip, guidance) -> list[str]:
+def _check(reward, prompt, iterations, lr, batch_size, reg_weight, grad_clip) -> list[str]:
     """Validate the arguments; returns one prompt per image."""
     if not isinstance(reward, RewardModel):
         raise ValueError(f"reward is a {type(reward).__name__}; expected an r0_core RewardModel "
@@ -141,17 +178,20 @@ def _check(pipe, reward, prompt, iterations, lr, batch_size, reg_weight, grad_cl
     checks.number("reg_weight", reg_weight, 0)
     if grad_clip is not None:
         checks.number("grad_clip", grad_clip, 0, low_open=True)   # None: no clipping
-    checks.number("guidance", guidance)
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     prompts = prompts * batch_size if len(prompts) == 1 else prompts
     if len(prompts) != batch_size:
         raise ValueError(f"got {len(prompts)} prompts for batch_size={batch_size}; pass one, or one per image")
-    for name, module in (("pipeline's backbone", backbone(pipe)), ("pipeline's VAE", pipe.vae), ("reward", reward)):
+    return prompts
+
+
+def _check_trainable(*named_modules) -> None:
+    """Gradients must pass through every module: none may hold inference-mode weights."""
+    for name, module in named_modules:
         if any(p.is_inference() for p in module.parameters()):
             raise ValueError(f"the {name} weights were created under torch.inference_mode, so no gradient can "
                              f"pass through them; load it outside inference mode (r0_core.loading.load_pipeline "
                              f"and r0_core.rewards.load_reward called by the R0 nodes do)")
-    return prompts
 
 
 @contextlib.contextmanager
@@ -169,32 +209,42 @@ def _frozen(*modules):
             p.requires_grad_(flag)
 
 
-def _generator(pipe, prompts, *, seed, steps, eta, guidance, height, width, cfg):
-    """(render, noise, guided): `render(noise) -> (images [B, 3, H, W] in 0..1, scaled latents)` runs
-    `generate`'s sampler from the start noise `noise`, the seeded fp32 leaf to optimise. The re-noising ξ (η > 0)
-    is drawn afresh from the same seeds at every call, so it stays fixed across iterations and only ε moves.
-    guided(latents, it) -> the implicit CFG reward's surrogate for those latents (None without `cfg`)."""
+def frozen_generator(pipe, prompts, *, seed, steps, eta, guidance, height, width, cfg=None) -> FrozenGenerator:
+    """`generate`'s few-step sampler and decoder for a diffusers pipeline, from the seeded start noise (image i:
+    seed + i). The re-noising ξ (η > 0) comes from the same seeds at every render, so only ε moves. With `cfg`
+    (an ImplicitCFG) the generator also carries the implicit CFG reward's surrogate."""
     with torch.no_grad():
         c = conditioning(pipe, prompts, guidance, height, width, with_uncond=cfg is not None)
     cond = c["cond"]
-    shape = latent_shape(pipe, len(prompts), height, width)
     seeds = [seed + i for i in range(len(prompts))]
+    shape = latent_shape(pipe, len(prompts), height, width)
     model = checkpointed(denoiser(pipe))
     sigmas = sampler_sigmas(pipe, steps).to(cond.device)
-    extra = {**c, "guidance": guidance}
-    noise = seeded_noise(shape, seeds, cond.device, torch.float32).requires_grad_(True)
-
-    def render(noise):
-        x = start_latents(noise.to(cond.dtype), sigmas, is_flow(pipe))
-        latents = sample_r0(model, x, sigmas, extra, disable=True, eta=eta,
-                            noise_sampler=seeded_noise_sampler(x, seeds), noise_scaling=noise_scaling(pipe))
-        return checkpointed(decode)(pipe, latents), latents
 
     def guided(latents, it, normalize):
         gen = torch.Generator("cpu").manual_seed(seed * 1_000_003 + it)
         direction = cfg.direction(model, latents, c, None if is_flow(pipe) else pipe.scheduler.alphas_cumprod, gen)
         return cfg.surrogate(direction, latents, normalize)
-    return render, noise, (guided if cfg is not None else None)
+    return FrozenGenerator(
+        denoiser=denoiser(pipe), extra={**c, "guidance": guidance}, sigmas=sigmas,
+        noise=seeded_noise(shape, seeds, cond.device, torch.float32), decode=lambda latents: decode(pipe, latents),
+        noise_sampler=lambda x: seeded_noise_sampler(x, seeds), noise_scaling=noise_scaling(pipe),
+        start=lambda noise: start_latents(noise, sigmas, is_flow(pipe)), eta=eta, dtype=cond.dtype,
+        modules=(backbone(pipe), pipe.vae), latent_scale=pipe.vae.config.scaling_factor,
+        guided=guided if cfg is not None else None)
+
+
+def _renderer(generator: FrozenGenerator) -> Callable:
+    """render(noise) -> (images [B, 3, H, W] in 0..1, latents): the K sampler steps from the start noise, then
+    the decoder, each call recomputed in the backward pass so memory does not grow with K."""
+    model, decoder = checkpointed(generator.denoiser), checkpointed(generator.decode)
+
+    def render(noise):
+        x = generator.start(noise.to(generator.dtype))
+        latents = sample_r0(model, x, generator.sigmas, generator.extra, disable=True, eta=generator.eta,
+                            noise_sampler=generator.noise_sampler(x), noise_scaling=generator.noise_scaling)
+        return decoder(latents), latents
+    return render
 
 
 def _objective(render, reward, prompts, normalize_gradients, reg_weight, guided=None):
