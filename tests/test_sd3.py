@@ -74,10 +74,14 @@ def test_test_time_r0_and_rpo_train_on_sd3(pipe, tmp_path):
     from r0_core.test_time import refine_noise
     from rpo_core.train import RPOConfig, train_rpo
 
-    refined = refine_noise(pipe, load_reward("aesthetic", TINY), PROMPTS[1], iterations=2, steps=2, seed=7,
-                           cfg_reward_weight=1.0)
+    aesthetic = load_reward("aesthetic", TINY)
+    refined = refine_noise(pipe, aesthetic, PROMPTS[1], iterations=2, steps=2, seed=7)
     assert (refined.initial_images - generate(pipe, PROMPTS[1:], steps=2, seeds=[7])[0]).abs().max() < 1e-5
     assert refined.rewards[1:].max() > refined.rewards[0]
+    # the implicit CFG reward (re-noised in the flow interpolation) pushes as well: other iterates
+    guided = refine_noise(pipe, aesthetic, PROMPTS[1], iterations=2, steps=2, seed=7, cfg_reward_weight=1.0)
+    assert torch.equal(guided.rewards[0], refined.rewards[0])
+    assert (guided.rewards[1:] - refined.rewards[1:]).abs().max() > 1e-3
 
     from r0_core.tiny import subjects
 
