@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from typing import Optional
 
 import torch
 
 from r0_core.test_time import FrozenGenerator, refine
 
 from . import bridge
+from .r0_nodes import renoise_sampler
 from .reward_nodes import REWARD
+from .train_nodes import REFINE_SETTINGS
 
 logger = logging.getLogger(__name__)
 
@@ -47,22 +50,13 @@ def thawed(*modules: torch.nn.Module):
             table[name] = value
 
 
-def renoise_sampler(seed: int):
-    """x -> sample_r0's ξ sampler: the R0 Sampler node's rule (one CPU generator seeded with the prompt's seed),
-    fresh at each render so every render re-noises with the same ξ."""
-    def make(x):
-        generator = torch.Generator("cpu").manual_seed(int(seed))
-        return lambda sigma, sigma_next: torch.randn(x.shape, generator=generator).to(x)
-    return make
-
-
 def native_generator(denoiser, extra_args: dict, sigmas: torch.Tensor, noise: torch.Tensor, start, noise_scaling,
-                     decode, *, eta: float, seed: int, modules=()) -> FrozenGenerator:
+                     decode, *, eta: float, seed: Optional[int]) -> FrozenGenerator:
     """The FrozenGenerator of a ComfyUI sampler call: `denoiser(x, sigma, **extra_args)` is the guided x̂0 that
     ComfyUI hands its samplers, `start(ε)` and `noise_scaling` the MODEL's own, `decode` the VAE's."""
     return FrozenGenerator(denoiser=denoiser, extra=extra_args, sigmas=sigmas, noise=noise, decode=decode,
                            noise_sampler=renoise_sampler(seed), start=start, noise_scaling=noise_scaling, eta=eta,
-                           dtype=noise.dtype, modules=modules, latent_scale=1.0)
+                           dtype=noise.dtype, latent_scale=1.0)
 
 
 def refine_sampler(vae, reward, prompts: list[str], *, eta: float, iterations: int, lr: float, callback):
@@ -91,7 +85,7 @@ def refine_sampler(vae, reward, prompts: list[str], *, eta: float, iterations: i
             generator = native_generator(
                 model_k, {**extra_args, "denoise_mask": denoise_mask}, sigmas, noise,
                 lambda eps: sampling.noise_scaling(sigmas[0], eps, latent_image, max_denoise),
-                sampling.noise_scaling, decode, eta=eta, seed=extra_args.get("seed") or 0)
+                sampling.noise_scaling, decode, eta=eta, seed=extra_args.get("seed"))
             with thawed(base, vae.first_stage_model):
                 self.result = refine(generator, reward, prompts, iterations=iterations, lr=lr, callback=callback)
             return self.result.latents.to(noise)
@@ -125,11 +119,7 @@ class R0TestTimeRefineNative:
             "reward_model": (REWARD, {"tooltip": "what the refinement raises: Reward Loader or Reward Combine"}),
             "prompt": ("STRING", {"multiline": True, "default": "a red circle above a blue square",
                                   "tooltip": "the text the reward scores the images against (the positive prompt)"}),
-            "iterations": ("INT", {"default": 20, "min": 1, "max": 1000,
-                                   "tooltip": "optimisation steps on the start noise; the best iterate per image is "
-                                              "returned"}),
-            "lr": ("FLOAT", {"default": 5.0, "min": 1e-4, "max": 100.0, "step": 0.1,
-                             "tooltip": "step size on the start noise (ReNO's default 5)"}),
+            **REFINE_SETTINGS,
         }}
 
     def refine(self, model, positive, negative, vae, sigmas, latent_image, noise_seed, cfg, eta, reward_model,

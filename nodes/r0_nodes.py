@@ -143,12 +143,19 @@ def native_noise_scaling(model):
     return patcher.get_model_object("model_sampling").noise_scaling if patcher is not None else vp_noise_scaling
 
 
+def renoise_sampler(seed):
+    """x -> sample_r0's ξ sampler, the R0 Sampler node's rule: one CPU generator seeded with the prompt's seed
+    (None: unseeded), so a run repeats; a fresh one re-noises with the same ξ again."""
+    def make(x):
+        generator = torch.Generator("cpu").manual_seed(int(seed)) if seed is not None else None
+        return lambda sigma, sigma_next: torch.randn(x.shape, generator=generator).to(x)
+    return make
+
+
 def comfy_sample_r0(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=0.0):
     """sample_r0 as ComfyUI's KSAMPLER calls it, re-noising through the model's own noise scaling; fresh noise
     comes from the prompt's seed, so a run repeats."""
-    seed = (extra_args or {}).get("seed")
-    generator = torch.Generator("cpu").manual_seed(int(seed)) if seed is not None else None
-    noise = lambda sigma, sigma_next: torch.randn(x.shape, generator=generator).to(x)  # noqa: E731
+    noise = renoise_sampler((extra_args or {}).get("seed"))(x)
     return sample_r0(model, x, sigmas, extra_args, callback, disable, eta=eta, noise_sampler=noise,
                      noise_scaling=native_noise_scaling(model))
 

@@ -180,6 +180,15 @@ class R0ApplyLoRA:
         return (with_lora(pipeline, name, strength),)
 
 
+# the optimisation's inputs, the same on both test-time refine nodes (this one and the native-MODEL one)
+REFINE_SETTINGS = {
+    "iterations": ("INT", {"default": 20, "min": 1, "max": 1000,
+                           "tooltip": "optimisation steps on the start noise; the best iterate per image is returned"}),
+    "lr": ("FLOAT", {"default": 5.0, "min": 1e-4, "max": 100.0, "step": 0.1,
+                     "tooltip": "step size on the start noise (ReNO's default 5)"}),
+}
+
+
 class R0TestTimeRefine:
     DESCRIPTION = ("Test-time R0: optimizes the start noise of a few-step generation to raise the reward for one "
                    "prompt, with a regularizer that keeps the noise Gaussian. The weights do not change.")
@@ -196,11 +205,7 @@ class R0TestTimeRefine:
                                                  "Combine"}),
             "prompt": ("STRING", {"multiline": True, "default": "a red circle above a blue square",
                                   "tooltip": "one prompt for every image of the batch"}),
-            "iterations": ("INT", {"default": 20, "min": 1, "max": 1000,
-                                   "tooltip": "optimisation steps on the start noise; the best iterate per image is "
-                                              "returned"}),
-            "lr": ("FLOAT", {"default": 5.0, "min": 1e-4, "max": 100.0, "step": 0.1,
-                             "tooltip": "step size on the start noise (ReNO's default 5)"}),
+            **REFINE_SETTINGS,
             "seed": ("INT", {"default": 0, "min": 0, "max": 2 ** 63 - 1,
                              "tooltip": "image i starts from the noise of seed + i, as R0 Few-Step Generate"}),
             "steps": ("INT", {"default": 4, "min": 1, "max": 50, "tooltip": "sampler steps K"}),

@@ -218,15 +218,16 @@ def frozen_generator(pipe, prompts, *, seed, steps, eta, guidance, height, width
     cond = c["cond"]
     seeds = [seed + i for i in range(len(prompts))]
     shape = latent_shape(pipe, len(prompts), height, width)
-    model = checkpointed(denoiser(pipe))
+    model = denoiser(pipe)
     sigmas = sampler_sigmas(pipe, steps).to(cond.device)
 
     def guided(latents, it, normalize):
         gen = torch.Generator("cpu").manual_seed(seed * 1_000_003 + it)
-        direction = cfg.direction(model, latents, c, None if is_flow(pipe) else pipe.scheduler.alphas_cumprod, gen)
+        direction = cfg.direction(checkpointed(model), latents, c,
+                                  None if is_flow(pipe) else pipe.scheduler.alphas_cumprod, gen)
         return cfg.surrogate(direction, latents, normalize)
     return FrozenGenerator(
-        denoiser=denoiser(pipe), extra={**c, "guidance": guidance}, sigmas=sigmas,
+        denoiser=model, extra={**c, "guidance": guidance}, sigmas=sigmas,
         noise=seeded_noise(shape, seeds, cond.device, torch.float32), decode=lambda latents: decode(pipe, latents),
         noise_sampler=lambda x: seeded_noise_sampler(x, seeds), noise_scaling=noise_scaling(pipe),
         start=lambda noise: start_latents(noise, sigmas, is_flow(pipe)), eta=eta, dtype=cond.dtype,

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from nodes import NODE_CLASS_MAPPINGS
-from nodes.native_refine import R0TestTimeRefineNative, native_generator, renoise_sampler, thawed
+from nodes.native_refine import R0TestTimeRefineNative, native_generator, thawed
+from nodes.r0_nodes import renoise_sampler
 from r0_core import family
 from r0_core.generate import generate
 from r0_core.loading import TINY, load_pipeline
