@@ -59,6 +59,15 @@ def native_generator(denoiser, extra_args: dict, sigmas: torch.Tensor, noise: to
                            dtype=noise.dtype, latent_scale=1.0)
 
 
+def vae_decoder(vae, base):
+    """latents (the MODEL's space) -> images [B, 3, H, W] in [0, 1], differentiable: VAEDecode's arithmetic
+    without its no-grad tiling fallback."""
+    def decode(latents):
+        z = base.process_latent_out(latents).to(vae.vae_dtype).to(vae.device)
+        return vae.process_output(vae.first_stage_model.decode(z).float())
+    return decode
+
+
 def refine_sampler(vae, reward, prompts: list[str], *, eta: float, iterations: int, lr: float, callback):
     """A ComfyUI SAMPLER that runs test-time R0 where a sampler would sample; `.result` holds the RefineResult."""
     import comfy.model_management
@@ -78,14 +87,10 @@ def refine_sampler(vae, reward, prompts: list[str], *, eta: float, iterations: i
             max_denoise = self.max_denoise(model_wrap, sigmas)
             comfy.model_management.load_models_gpu([vae.patcher])
 
-            def decode(latents):   # VAEDecode's arithmetic, without its no-grad tiling fallback
-                z = base.process_latent_out(latents).to(vae.vae_dtype).to(vae.device)
-                return vae.process_output(vae.first_stage_model.decode(z).float())
-
             generator = native_generator(
                 model_k, {**extra_args, "denoise_mask": denoise_mask}, sigmas, noise,
                 lambda eps: sampling.noise_scaling(sigmas[0], eps, latent_image, max_denoise),
-                sampling.noise_scaling, decode, eta=eta, seed=extra_args.get("seed"))
+                sampling.noise_scaling, vae_decoder(vae, base), eta=eta, seed=extra_args.get("seed"))
             with thawed(base, vae.first_stage_model):
                 self.result = refine(generator, reward, prompts, iterations=iterations, lr=lr, callback=callback)
             return self.result.latents.to(noise)

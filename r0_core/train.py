@@ -162,10 +162,12 @@ def share(accelerator, batch_size: int) -> slice:
 
 
 def generator_latents(model, config: R0Config, c: dict, shape, sigmas, gen: torch.Generator,
-                      part: slice = slice(None), flow: bool = False) -> torch.Tensor:
+                      part: slice = slice(None), flow: bool = False, start: Optional[Callable] = None,
+                      noise_scaling: Optional[Callable] = None) -> torch.Tensor:
     """Clean latents from the K-step generator, differentiable w.r.t. the trainable weights: the `part` rows of
     a global batch of `shape` (its noise and η drawn for all of it), conditioned on `c` (family.conditioning);
-    flow: a rectified-flow model's start and re-noising."""
+    flow: a rectified-flow model's start and re-noising, unless `start(ε)` and `noise_scaling(σ, ε, x0)` are
+    given (a host application's own, as R0Generator carries them)."""
     lo, hi = config.eta_range
     etas = lo + (hi - lo) * torch.rand(config.steps, *(shape[:1] if config.eta_per_image else ()), generator=gen)
     etas = etas[:, part] if config.eta_per_image else etas
@@ -174,8 +176,9 @@ def generator_latents(model, config: R0Config, c: dict, shape, sigmas, gen: torc
         k = int(torch.multinomial(torch.tensor(weights, dtype=torch.float), 1, generator=gen) if weights
                 else torch.randint(config.steps, (1,), generator=gen))
     like = c["cond"]
-    x = start_latents(torch.randn(shape, generator=gen)[part].to(like), sigmas, flow)
-    scaling = flow_noise_scaling if flow else vp_noise_scaling
+    start = start or (lambda eps: start_latents(eps, sigmas, flow))
+    scaling = noise_scaling or (flow_noise_scaling if flow else vp_noise_scaling)
+    x = start(torch.randn(shape, generator=gen)[part].to(like))
     noise = lambda sigma, sigma_next: torch.randn(shape, generator=gen)[part].to(like)  # noqa: E731
     extra = {**c, "guidance": config.guidance}
     if config.mode == "r0":
@@ -209,18 +212,11 @@ def reward_loss(reward: Optional[RewardModel], images: torch.Tensor, prompts: li
     return loss, torch.stack(scores)
 
 
-@contextlib.contextmanager
-def pretrained(trainable: "Trainable"):
-    """The UNet as it was before training (the implicit CFG reward's and LCM's teacher): LoRA adapters switched
-    off while inside, or the frozen copy a full fine-tune keeps."""
-    if trainable.full:
-        yield trainable.frozen
-        return
-    trainable.unet.disable_lora()
-    try:
-        yield trainable.unet
-    finally:
-        trainable.unet.enable_lora()
+def pretrained(trainable):
+    """The model as it was before training (the implicit CFG reward's and LCM's teacher), while inside: a
+    Trainable's LoRA adapters switched off (or the frozen copy a full fine-tune keeps), a LowRankWeights'
+    deltas switched off."""
+    return trainable.switched_off()
 
 
 def optimizer_step(accelerator, trainable: "Trainable", optimizer, loss: torch.Tensor, grad_clip: float) -> None:
@@ -246,8 +242,51 @@ def freeze_encoders(pipe) -> None:
             module.requires_grad_(False)
 
 
-class Trainable:
-    """The weights R0 moves (a LoRA adapter, or the whole UNet) and their pull towards the pretrained ones."""
+class TrainedWeights:
+    """What every trainer's loop asks of the weights it moves: `params`, `delta_norm2()` (the pull towards the
+    pretrained weights), `switched_off()` (the pretrained model, inside) and a state dict for resuming."""
+    params: list
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {str(i): p.detach().cpu().clone() for i, p in enumerate(self.params)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for i, p in enumerate(self.params):
+                p.copy_(state[str(i)])
+
+
+class LowRankWeights(TrainedWeights):
+    """A LoRA that a host application applies itself (the pack's native-MODEL trainer: ComfyUI's weight
+    wrappers): per adapted weight W an (up [out, r], down [r, in]) pair, W' = W + scale · up·down (a conv's
+    kernel flattened into `in`). The host's wrappers read `on`, so switched off the model is the pretrained one."""
+    full = False
+
+    def __init__(self, pairs: dict[str, tuple[torch.nn.Parameter, torch.nn.Parameter]], scale: float):
+        if not pairs:
+            raise ValueError("LowRankWeights: no weights to adapt (the target rule matched no layer)")
+        self.pairs, self.scale, self.on = pairs, float(scale), True
+        self.params = [p for up, down in pairs.values() for p in (up, down)]
+
+    def delta(self, name: str) -> torch.Tensor:
+        up, down = self.pairs[name]
+        return self.scale * (up @ down)
+
+    def delta_norm2(self) -> torch.Tensor:
+        return sum((self.delta(name) ** 2).sum() for name in self.pairs)
+
+    @contextlib.contextmanager
+    def switched_off(self):
+        self.on = False
+        try:
+            yield None
+        finally:
+            self.on = True
+
+
+class Trainable(TrainedWeights):
+    """The weights R0 moves in a diffusers backbone (a LoRA adapter, or the whole UNet) and their pull towards
+    the pretrained ones."""
 
     def __init__(self, unet, config, adapter: str, keep_pretrained: bool = False):
         self.unet, self.full, self.adapter = unet, config.lora_rank == 0, adapter
@@ -271,13 +310,16 @@ class Trainable:
             return sum(((p - p0) ** 2).sum() for p, p0 in zip(self.params, self.initial))
         return lora.lora_delta_norm2(self.unet, self.adapter)
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {str(i): p.detach().cpu().clone() for i, p in enumerate(self.params)}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            for i, p in enumerate(self.params):
-                p.copy_(state[str(i)])
+    @contextlib.contextmanager
+    def switched_off(self):
+        if self.full:
+            yield self.frozen
+            return
+        self.unet.disable_lora()
+        try:
+            yield self.unet
+        finally:
+            self.unet.enable_lora()
 
 
 def save_curve(path: str, top: dict[str, tuple[list, list]], bottom: dict[str, tuple[list, list]],
@@ -325,6 +367,14 @@ def make_accelerator(mixed_precision: str, device: torch.device):
     return Accelerator(mixed_precision=resolve_precision(mixed_precision, device.type), cpu=device.type == "cpu")
 
 
+def saved_name(lora_path: str, cancelled: bool) -> str:
+    """Where a trainer writes its LoRA: lora_path, or <name>_partial beside it when the run was cancelled."""
+    if not cancelled:
+        return lora_path
+    stem, ext = os.path.splitext(lora_path)
+    return f"{stem}_partial{ext}"
+
+
 def save_trained(pipe, trainable: Trainable, accelerator, out_dir: str, lora_path: str, adapter: str,
                  cancelled: bool, metadata: dict) -> Optional[str]:
     """Save what a trainer trained: the LoRA (as <name>_partial when cancelled), or the full UNet in
@@ -335,10 +385,7 @@ def save_trained(pipe, trainable: Trainable, accelerator, out_dir: str, lora_pat
     if trainable.full:
         backbone(pipe).save_pretrained(os.path.join(out_dir, "transformer" if is_flow(pipe) else "unet"))
         return None
-    if cancelled:
-        stem, ext = os.path.splitext(lora_path)
-        lora_path = f"{stem}_partial{ext}"
-    return lora.save_lora(backbone(pipe), lora_path, adapter, metadata=metadata)
+    return lora.save_lora(backbone(pipe), saved_name(lora_path, cancelled), adapter, metadata=metadata)
 
 
 class OtherRun(ValueError):
@@ -469,30 +516,28 @@ def save_r0_curve(out_dir: str, history: list[dict], names: list[str], write: bo
 
 
 @dataclass
-class R0Run:
-    """Everything an R0 step uses, made once by `prepare_r0`."""
-    pipe: object
-    reward: Optional[RewardModel]
-    config: R0Config
-    accelerator: object
-    trainable: Trainable
-    optimizer: torch.optim.Optimizer
-    ema: Optional[EMAModel]
-    unet: torch.nn.Module                 # the backbone, as the accelerator wrapped it
-    model: Callable                       # its σ-denoiser (checkpointed): the generator's steps
-    base: Optional[Callable]              # the pretrained σ-denoiser, for the implicit CFG reward
-    cfg: Optional[ImplicitCFG]
-    alphas_cumprod: Optional[torch.Tensor]   # the implicit CFG reward's levels (None: a flow model)
-    sigmas: torch.Tensor
-    shape: tuple                          # the global batch's latents
-    part: slice                           # this process's rows of it
-    flow: bool
-    normalize: bool
+class R0Generator:
+    """What R0 trains through, whoever holds the model: `pipeline_generator` makes it from a diffusers pipeline,
+    the pack's native-MODEL node from ComfyUI's MODEL, CLIP and VAE (the core never sees ComfyUI)."""
+    trainable: TrainedWeights       # the weights moved (Trainable, LowRankWeights)
+    denoiser: Callable              # σ-denoiser through them: denoiser(x, σ, cond=, [uncond=, added_cond=, …,]
+                                    # guidance=) -> x̂0, with encode's keywords
+    base: Optional[Callable]        # the pretrained σ-denoiser, asked inside pretrained(trainable): the implicit
+                                    # CFG reward's (None: not used)
+    encode: Callable                # encode(prompts, with_uncond) -> the denoiser's conditioning keywords
+    decode: Callable                # latents -> images [B, 3, H, W] in [0, 1], differentiable
+    sigmas: torch.Tensor            # the K-step schedule σ_0 > … > σ_K
+    latent_shape: tuple             # [B, C, h, w] of the global batch
+    start: Callable                 # ε -> the start latents at σ_0
+    noise_scaling: Callable         # (σ, ε, x0) -> x at level σ: the sampler's re-noising
+    alphas_cumprod: Optional[torch.Tensor]   # the implicit CFG reward's levels (None: a flow model's)
+    save: Callable                  # save(out_dir, lora_path, cancelled, metadata) -> the LoRA's path (or None)
+    train_module: Optional[torch.nn.Module] = None   # switched to train() while stepping, eval() after
 
 
-def prepare_r0(pipe, reward: Optional[RewardModel], config: R0Config, accelerator, adapter: str) -> R0Run:
-    """Freeze what stays frozen, add the trained weights (a LoRA adapter or the whole backbone), the optimizer
-    and EMA, and the denoisers and schedule the steps use."""
+def pipeline_generator(pipe, config: R0Config, accelerator, adapter: str) -> R0Generator:
+    """A diffusers pipeline as an R0Generator: freeze what stays frozen, add the trained weights (a LoRA adapter
+    or the whole backbone) and hand over the pipeline's denoisers, encoders, decode and schedule."""
     freeze_encoders(pipe)
     # R0 trains on the base backbone alone (add_lora leaves only the new adapter active): say so if LoRAs were on
     others = [n for n, _ in lora.active_loras(pipe) if n != adapter]
@@ -501,47 +546,97 @@ def prepare_r0(pipe, reward: Optional[RewardModel], config: R0Config, accelerato
                        "saved LoRA; apply them again beside it afterwards", ", ".join(others))
     net, flow = backbone(pipe), is_flow(pipe)
     trainable = Trainable(net, config, adapter, keep_pretrained=config.cfg_reward_weight > 0)
-    optimizer = torch.optim.AdamW(trainable.params, lr=config.lr, betas=(config.adam_beta1, 0.999), weight_decay=0.0)
-    ema = EMAModel(trainable.params, decay=config.ema_decay) if config.ema_decay else None
-    unet, optimizer = accelerator.prepare(net, optimizer)
-    generator = denoiser(pipe, unet)
-    cfg = config.implicit_cfg
-    base = denoiser(pipe, trainable.frozen if trainable.full else unet) \
-        if cfg is not None else None   # the pretrained model, asked inside `pretrained(trainable)`
+    unet = accelerator.prepare(net)
+    sigmas = sampler_sigmas(pipe, config.steps).to(net.device)
+    return R0Generator(
+        trainable=trainable, denoiser=denoiser(pipe, unet),
+        base=denoiser(pipe, trainable.frozen if trainable.full else unet) if config.cfg_reward_weight else None,
+        encode=lambda prompts, with_uncond: conditioning(pipe, prompts, config.guidance, config.height,
+                                                         config.width, with_uncond=with_uncond),
+        decode=lambda latents: decode(pipe, latents), sigmas=sigmas,
+        latent_shape=latent_shape(pipe, config.batch_size, config.height, config.width),
+        start=lambda eps: start_latents(eps, sigmas, flow),
+        noise_scaling=flow_noise_scaling if flow else vp_noise_scaling,
+        alphas_cumprod=None if flow else pipe.scheduler.alphas_cumprod,
+        save=lambda out_dir, lora_path, cancelled, metadata: save_trained(
+            pipe, trainable, accelerator, out_dir, lora_path, adapter, cancelled, metadata),
+        train_module=unet)
+
+
+@dataclass
+class R0Run:
+    """Everything an R0 step uses, made once by `prepare_r0`."""
+    generator: R0Generator
+    reward: Optional[RewardModel]
+    config: R0Config
+    accelerator: object
+    optimizer: torch.optim.Optimizer
+    ema: Optional[EMAModel]
+    model: Callable                       # the generator's σ-denoiser, checkpointed if asked: its steps
+    cfg: Optional[ImplicitCFG]
+    part: slice                           # this process's rows of the global batch
+    normalize: bool
+
+
+def prepare_r0(generator: R0Generator, reward: Optional[RewardModel], config: R0Config, accelerator) -> R0Run:
+    """The optimizer and EMA of the trained weights, and the settings every step reads."""
+    params = generator.trainable.params
+    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(config.adam_beta1, 0.999), weight_decay=0.0)
+    ema = EMAModel(params, decay=config.ema_decay) if config.ema_decay else None
+    optimizer = accelerator.prepare(optimizer)
     normalize = config.normalize_gradients
     if normalize is None:
         normalize = getattr(reward, "normalize_gradients", True)
-    return R0Run(pipe, reward, config, accelerator, trainable, optimizer, ema, unet,
-                 checkpointed(generator) if config.gradient_checkpointing else generator, base, cfg,
-                 None if flow else pipe.scheduler.alphas_cumprod, sampler_sigmas(pipe, config.steps).to(net.device),
-                 latent_shape(pipe, config.batch_size, config.height, config.width),
-                 share(accelerator, config.batch_size), flow, normalize)
+    model = checkpointed(generator.denoiser) if config.gradient_checkpointing else generator.denoiser
+    return R0Run(generator, reward, config, accelerator, optimizer, ema, model, config.implicit_cfg,
+                 share(accelerator, config.batch_size), normalize)
 
 
 def r0_step(run: R0Run, iteration: int, gen: torch.Generator) -> dict:
     """One R0 iteration (the module docstring's steps 1-5); returns its history entry."""
-    config = run.config
+    config, g = run.config, run.generator
     picks = torch.randint(len(config.prompts), (config.batch_size,), generator=gen).tolist()
     prompts = [config.prompts[i] for i in picks][run.part]
     with torch.no_grad():
-        c = conditioning(run.pipe, prompts, config.guidance, config.height, config.width,
-                         with_uncond=run.cfg is not None)
-    run.unet.train()
+        c = g.encode(prompts, run.cfg is not None)
+    if g.train_module is not None:
+        g.train_module.train()
     with run.accelerator.autocast():
-        latents = generator_latents(run.model, config, c, run.shape, run.sigmas, gen, run.part, run.flow)
-        images = (checkpointed(decode) if config.gradient_checkpointing else decode)(run.pipe, latents)
+        latents = generator_latents(run.model, config, c, g.latent_shape, g.sigmas, gen, run.part,
+                                    start=g.start, noise_scaling=g.noise_scaling)
+        images = (checkpointed(g.decode) if config.gradient_checkpointing else g.decode)(latents)
         direction = None
         if run.cfg is not None:
-            with pretrained(run.trainable):
-                direction = run.cfg.direction(run.base, latents, c, run.alphas_cumprod, gen, run.part,
+            with pretrained(g.trainable):
+                direction = run.cfg.direction(g.base, latents, c, g.alphas_cumprod, gen, run.part,
                                               config.batch_size)
         loss, rewards = reward_loss(run.reward, images, prompts, run.normalize, run.cfg, latents, direction)
-        reg = config.reg_weight * run.trainable.delta_norm2()
-    optimizer_step(run.accelerator, run.trainable, run.optimizer, loss + reg, config.grad_clip)
+        reg = config.reg_weight * g.trainable.delta_norm2()
+    optimizer_step(run.accelerator, g.trainable, run.optimizer, loss + reg, config.grad_clip)
     if run.ema is not None:
-        run.ema.step(run.trainable.params)  # diffusers' EMA: decay min(ema_decay, (1 + n) / (10 + n)) at update n
+        run.ema.step(g.trainable.params)  # diffusers' EMA: decay min(ema_decay, (1 + n) / (10 + n)) at update n
     return {"iteration": iteration + 1, "loss": float(loss.detach()), "reg": float(reg.detach()),
             "rewards": [float(r) for r in rewards]}
+
+
+def fit_r0(generator: R0Generator, reward: Optional[RewardModel], config: R0Config, accelerator, out_dir: str,
+           lora_path: str, fingerprint: str, callback: Optional[Callable[[dict], None]] = None) -> TrainResult:
+    """The R0 loop on any R0Generator: resume from out_dir if it holds the run `fingerprint` names
+    (run_fingerprint), run the iterations left, then save the curve and the LoRA (generator.save)."""
+    os.makedirs(out_dir, exist_ok=True)
+    run = prepare_r0(generator, reward, config, accelerator)
+    history, cancelled = run_iterations(config, generator.trainable, run.optimizer, accelerator, out_dir,
+                                        fingerprint, lambda iteration, gen: r0_step(run, iteration, gen), callback,
+                                        {"ema": run.ema} if run.ema is not None else {})
+    if generator.train_module is not None:
+        generator.train_module.eval()
+    if run.ema is not None:
+        run.ema.copy_to(generator.trainable.params)  # what is saved and left in the model: the averaged weights
+    curve = save_r0_curve(out_dir, history, reward_names(reward, run.cfg), accelerator.is_main_process)
+    metadata = {"r0_config": json.dumps({k: v for k, v in dataclasses.asdict(config).items() if k != "prompts"},
+                                        default=str),
+                "r0_iterations": str(len(history))}
+    return TrainResult(generator.save(out_dir, lora_path, cancelled, metadata), curve, history, cancelled)
 
 
 def train_r0(pipe, reward: Optional[RewardModel], config: R0Config, out_dir: str, lora_path: Optional[str] = None,
@@ -558,24 +653,10 @@ def train_r0(pipe, reward: Optional[RewardModel], config: R0Config, out_dir: str
     accelerator = accelerator or make_accelerator(config.mixed_precision, backbone(pipe).device)
     lora_path = lora_path or os.path.join(out_dir, "r0_lora.safetensors")
     check_target(lora_path, out_dir, overwrite)
-    os.makedirs(out_dir, exist_ok=True)
     with torch.inference_mode(False), torch.enable_grad():  # ComfyUI runs nodes in inference mode
         fingerprint = run_fingerprint(config, backbone(pipe), reward)   # before any adapter is added
-        run = prepare_r0(pipe, reward, config, accelerator, adapter)
-        history, cancelled = run_iterations(config, run.trainable, run.optimizer, accelerator, out_dir, fingerprint,
-                                            lambda iteration, gen: r0_step(run, iteration, gen), callback,
-                                            {"ema": run.ema} if run.ema is not None else {})
-        run.unet.eval()
-        accelerator.unwrap_model(run.unet)
-        if run.ema is not None:
-            run.ema.copy_to(run.trainable.params)  # what is saved and left in the pipeline: the averaged weights
-        curve = save_r0_curve(out_dir, history, reward_names(reward, run.cfg), accelerator.is_main_process)
-        metadata = {"r0_config": json.dumps({k: v for k, v in dataclasses.asdict(config).items()
-                                             if k != "prompts"}, default=str),
-                    "r0_iterations": str(len(history))}
-        result_path = save_trained(pipe, run.trainable, accelerator, out_dir, lora_path, adapter, cancelled,
-                                   metadata)
-    return TrainResult(result_path, curve, history, cancelled)
+        generator = pipeline_generator(pipe, config, accelerator, adapter)
+        return fit_r0(generator, reward, config, accelerator, out_dir, lora_path, fingerprint, callback)
 
 
 # ----------------------------------------------------------------------------------------------- command line

@@ -1,0 +1,138 @@
+"""R0 Train (native MODEL)'s adapter code without ComfyUI. A stand-in for ComfyUI's ModelPatcher applies the
+node's own weight wrappers (SwitchedLoRA) to the tiny world's real UNet, as ComfyUI's weight_function does, and
+r0_core.train.fit_r0 trains them: the first iteration is the pipeline trainer's, the weights move, switched off
+the model is the pretrained one, a cancelled run resumes to the same LoRA, and the file is in ComfyUI's format.
+(scripts/comfy_native_train.py runs the node itself in a real ComfyUI and loads the file with LoraLoader.)"""
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch.nn.utils import parametrize
+
+from nodes import NODE_CLASS_MAPPINGS
+from nodes.native_train import R0TrainNative, add_native_lora, adapted_layers, save_native_lora
+from r0_core import family
+from r0_core.loading import TINY, load_pipeline
+from r0_core.rewards import load_reward
+from r0_core.sampler import Cancelled, vp_noise_scaling
+from r0_core.train import (R0Config, R0Generator, fit_r0, make_accelerator, run_fingerprint, saved_name,
+                           train_r0)
+
+PROMPTS = ["a red circle above a blue square", "a green triangle left of a yellow circle"]
+
+
+class Patcher:
+    """ComfyUI's ModelPatcher as far as add_native_lora uses it: `.model` (a BaseModel holding the network as
+    `diffusion_model`, whose matrix layers carry a `weight_function` list) and add_weight_wrapper(key, f), here
+    applied with torch's parametrize (W -> f(W) at every use, as ComfyUI's ops do)."""
+
+    def __init__(self, unet):
+        self.model = torch.nn.Module()
+        self.model.diffusion_model = unet
+        for module in unet.modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+                module.weight_function = []
+
+    def add_weight_wrapper(self, key, wrapper):
+        parametrize.register_parametrization(self.model.get_submodule(key.rsplit(".", 1)[0]), "weight", wrapper,
+                                             unsafe=True)
+
+
+@pytest.fixture()
+def pipe():
+    pipe = load_pipeline(TINY, device="cpu", dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def config(**overrides):
+    return R0Config(**{"prompts": PROMPTS, "iterations": 4, "batch_size": 2, "steps": 2, "lr": 3e-3,
+                       "cfg_reward_weight": 0.5, "checkpoint_every": 2, "mixed_precision": "no", **overrides})
+
+
+def generator(pipe, cfg, weights, shapes):
+    sigmas = family.sampler_sigmas(pipe, cfg.steps)
+    model = family.denoiser(pipe)
+    return R0Generator(
+        trainable=weights, denoiser=model, base=model,
+        encode=lambda prompts, with_uncond: family.conditioning(pipe, prompts, cfg.guidance, with_uncond=with_uncond),
+        decode=lambda latents: family.decode(pipe, latents), sigmas=sigmas,
+        latent_shape=family.latent_shape(pipe, cfg.batch_size), start=lambda eps: family.start_latents(eps, sigmas),
+        noise_scaling=vp_noise_scaling, alphas_cumprod=pipe.scheduler.alphas_cumprod,
+        save=lambda out_dir, path, cancelled, metadata: save_native_lora(weights, shapes, saved_name(path, cancelled),
+                                                                        metadata))
+
+
+def native_run(pipe, cfg, reward, out_dir, callback=None):
+    pipe.unet.requires_grad_(False)
+    pipe.vae.requires_grad_(False)
+    pipe.text_encoder.requires_grad_(False)
+    weights, shapes = add_native_lora(Patcher(pipe.unet), cfg, "cpu")
+    fingerprint = run_fingerprint(cfg, pipe.unet, reward)
+    result = fit_r0(generator(pipe, cfg, weights, shapes), reward, cfg, make_accelerator("no", torch.device("cpu")),
+                    str(out_dir), str(out_dir / "native.safetensors"), fingerprint, callback)
+    return weights, shapes, result
+
+
+def test_node_is_registered_with_comfyui_types():
+    assert NODE_CLASS_MAPPINGS["R0TrainNative"] is R0TrainNative
+    inputs = R0TrainNative.INPUT_TYPES()
+    assert [inputs["required"][k][0] for k in ("model", "clip", "vae", "sigmas", "latent_image")] == [
+        "MODEL", "CLIP", "VAE", "SIGMAS", "LATENT"]
+    assert R0TrainNative.RETURN_TYPES == ("MODEL", "STRING", "IMAGE")
+    assert {"cfg_reward_weight", "overwrite", "lora_targets"} <= set(inputs["optional"])
+
+
+def test_attention_rule_picks_the_attention_matrices(pipe):
+    patcher = Patcher(pipe.unet)
+    names = adapted_layers(patcher.model, "attention")
+    assert names and all(n.rsplit(".", 2)[-2:] in (["attn1", "to_q"], ["attn1", "to_k"], ["attn1", "to_v"],
+                                                   ["attn2", "to_q"], ["attn2", "to_k"], ["attn2", "to_v"])
+                         or n.endswith("to_out.0") for n in names)
+    assert len(adapted_layers(patcher.model, "all")) > len(names)
+    with pytest.raises(ValueError, match="lora_targets='mlp'"):
+        adapted_layers(patcher.model, "mlp")
+
+
+def test_native_lora_trains_resumes_and_saves_in_comfyui_format(pipe, tmp_path):
+    reward = load_reward("clip", TINY, device="cpu")
+    cfg = config()
+    with torch.inference_mode(False):
+        reference = train_r0(load_pipeline(TINY, device="cpu", dtype=torch.float32), reward,
+                             config(iterations=1), str(tmp_path / "pipeline")).history[0]
+        x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+        c = family.conditioning(pipe, PROMPTS[:1], 1.0)
+        before = family.denoiser(pipe)(x, torch.tensor([2.0]), **c, guidance=1.0)
+        weights, shapes, result = native_run(pipe, cfg, reward, tmp_path / "whole")
+        model = family.denoiser(pipe)
+        with torch.no_grad():
+            after = model(x, torch.tensor([2.0]), **c, guidance=1.0)
+            with weights.switched_off():
+                off = model(x, torch.tensor([2.0]), **c, guidance=1.0)
+    # before any update, the same loss and rewards as the pipeline trainer (same noise, η, prompts)
+    assert result.history[0]["loss"] == pytest.approx(reference["loss"], abs=1e-5)
+    assert result.history[0]["rewards"] == pytest.approx(reference["rewards"], abs=1e-5)
+    assert not result.cancelled and len(result.history) == cfg.iterations
+    assert float(weights.delta_norm2().detach()) > 0 and (after - before).abs().max() > 1e-4
+    torch.testing.assert_close(off, before, atol=1e-6, rtol=0)   # switched off: the pretrained model
+
+    tensors = load_file(result.lora_path)
+    assert set(tensors) == {f"{n}.{part}" for n in weights.pairs for part in ("lora_up.weight", "lora_down.weight",
+                                                                              "alpha")}
+    for name, (up, down) in weights.pairs.items():
+        delta = tensors[f"{name}.alpha"] / up.shape[1] * (tensors[f"{name}.lora_up.weight"].flatten(1)
+                                                          @ tensors[f"{name}.lora_down.weight"].flatten(1))
+        torch.testing.assert_close(delta, weights.delta(name).detach(), atol=1e-7, rtol=1e-6)
+
+    # cancelled after iteration 1, run again: resumes and ends with the same LoRA
+    def stop(info):
+        if info["i"] == 0:
+            raise Cancelled
+    fresh = load_pipeline(TINY, device="cpu", dtype=torch.float32)
+    with torch.inference_mode(False):
+        _, _, cancelled = native_run(fresh, cfg, reward, tmp_path / "resumed", stop)
+        assert cancelled.cancelled and cancelled.lora_path.endswith("native_partial.safetensors")
+        fresh = load_pipeline(TINY, device="cpu", dtype=torch.float32)
+        _, _, resumed = native_run(fresh, cfg, reward, tmp_path / "resumed")
+    again = load_file(resumed.lora_path)
+    assert len(resumed.history) == cfg.iterations
+    assert all(torch.equal(again[k], tensors[k]) for k in tensors)
