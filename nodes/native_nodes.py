@@ -267,8 +267,9 @@ def load_native(model: str, dtype: str = "auto", device: str = "auto"):
     devices = _devices(device)
     # the VAE keeps fp32 under fp16 (the tiny VAE's force_upcast), as our pipeline does
     vae_dtype = torch.float32 if torch_dtype == torch.float16 else torch_dtype
-    return (native_model(pipe, folder, torch_dtype, *devices["unet"]),
-            native_clip(pipe, folder, torch_dtype, *devices["clip"]),
+    patcher = native_model(pipe, folder, torch_dtype, *devices["unet"])
+    patcher.model.r0_world = model   # survives the MODEL's clones: trainers pick the world's default prompts
+    return (patcher, native_clip(pipe, folder, torch_dtype, *devices["clip"]),
             native_vae(pipe, vae_dtype, devices["vae"][0]))
 
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -156,14 +158,29 @@ def native_denoiser(base_model, model_options: dict, seed):
     return model
 
 
-def train_sampler(vae, reward, config: R0Config, weights: LowRankWeights, encode, out_dir: str, lora_path: str,
-                  save, callback):
-    """A ComfyUI SAMPLER that runs R0 training where a sampler would sample; `.result` holds the TrainResult."""
+@dataclass
+class NativeModel:
+    """What a trainer gets from ComfyUI inside a sampler call (`in_sampler`)."""
+    base: object                  # ComfyUI's BaseModel, loaded, with the MODEL's other LoRAs patched in
+    denoiser: Callable            # native_denoiser: the guided x̂0 for per-image conditioning
+    decode: Callable              # latents -> images [B, 3, H, W] in 0..1, differentiable
+    sigmas: torch.Tensor          # the SIGMAS given to the node
+    start: Callable               # ε -> the start latents at sigmas[0], as ComfyUI's samplers start
+    noise_scaling: Callable       # (σ, ε, x0) -> x at level σ, the MODEL's own
+    sampling: object              # the MODEL's model_sampling
+    flow: bool                    # a rectified-flow MODEL (ComfyUI's CONST sampling)
+    device: torch.device
+
+
+def in_sampler(patcher, clip, vae, sigmas, latent: torch.Tensor, prompt: str, guidance: float, seed: int, work):
+    """work(NativeModel) run where a sampler would sample: inside ComfyUI's CFGGuider over `patcher`, so ComfyUI's
+    model management loads it (fully: it trains) with its patches, and with every inference-mode weight of the
+    MODEL and VAE swapped for an ordinary copy (thawed). Returns what work returns."""
     import comfy.model_management
     import comfy.model_sampling
     import comfy.samplers
 
-    class R0TrainSampler(comfy.samplers.Sampler):
+    class HostSampler(comfy.samplers.Sampler):
         result = None
 
         def sample(self, model_wrap, sigmas, extra_args, callback_, noise, latent_image=None, denoise_mask=None,
@@ -171,57 +188,63 @@ def train_sampler(vae, reward, config: R0Config, weights: LowRankWeights, encode
             base = model_wrap.inner_model
             sampling = base.model_sampling
             with torch.inference_mode(False):
-                sigmas = sigmas.clone().float()
+                sigmas = sigmas.clone().float().to(noise.device)
             max_denoise = self.max_denoise(model_wrap, sigmas)
             comfy.model_management.load_models_gpu([vae.patcher])
-            flow = isinstance(sampling, comfy.model_sampling.CONST)
-            device = noise.device
+            native = NativeModel(
+                base=base, denoiser=native_denoiser(base, model_wrap.model_options, extra_args.get("seed")),
+                decode=vae_decoder(vae, base), sigmas=sigmas,
+                start=lambda eps: sampling.noise_scaling(sigmas[0], eps, torch.zeros_like(eps), max_denoise),
+                noise_scaling=lambda sigma, eps, x0: sampling.noise_scaling(sigma, eps, x0), sampling=sampling,
+                flow=isinstance(sampling, comfy.model_sampling.CONST), device=noise.device)
             with thawed(base, vae.first_stage_model), torch.inference_mode(False), torch.enable_grad():
-                # the MODEL as loaded (its other LoRAs patched in), the schedule and size name the run
-                fingerprint = run_fingerprint(config, base.diffusion_model, reward, extra=hashlib.sha256(
-                    f"{sigmas.tolist()}{tuple(noise.shape[1:])}{sorted(weights.pairs)}".encode()).hexdigest())
-                denoiser = native_denoiser(base, model_wrap.model_options, extra_args.get("seed"))
-                generator = R0Generator(
-                    trainable=weights, denoiser=denoiser, base=denoiser if config.cfg_reward_weight else None,
-                    encode=lambda prompts, with_uncond: encode(prompts, with_uncond, device),
-                    decode=vae_decoder(vae, base), sigmas=sigmas.to(device),
-                    latent_shape=(config.batch_size, *noise.shape[1:]),
-                    start=lambda eps: sampling.noise_scaling(sigmas[0], eps, torch.zeros_like(eps), max_denoise),
-                    noise_scaling=lambda sigma, eps, x0: sampling.noise_scaling(sigma, eps, x0),
-                    alphas_cumprod=None if flow else 1 / (1 + sampling.sigmas.detach().double() ** 2),
-                    save=save)
-                accelerator = make_accelerator("no", device)   # the MODEL computes in the dtype ComfyUI gave it
-                self.result = fit_r0(generator, reward, config, accelerator, out_dir, lora_path, fingerprint,
-                                     callback)
+                self.result = work(native)
             return torch.zeros_like(noise)
-    return R0TrainSampler()
+
+    sampler = HostSampler()
+    guider = comfy.samplers.CFGGuider(patcher)   # its conds load the MODEL; every batch brings its own prompts'
+    guider.set_conds(*(clip.encode_from_tokens_scheduled(clip.tokenize(t)) for t in (prompt, "")))
+    guider.set_cfg(guidance)
+    comfy.model_management.load_models_gpu([patcher], force_full_load=True)
+    empty = torch.zeros(1, *latent.shape[1:])
+    guider.sample(empty, empty, sampler, sigmas, seed=seed)
+    return sampler.result
+
+
+def native_fingerprint(config, native: NativeModel, weights: LowRankWeights, scorer, extra: str = "") -> str:
+    """What names a native run: the settings, the MODEL as loaded (its other LoRAs patched in), the scorer, the
+    schedule and the adapted layers (and `extra`, e.g. the references)."""
+    return run_fingerprint(config, native.base.diffusion_model, scorer, extra=hashlib.sha256(
+        f"{native.sigmas.tolist()}{sorted(weights.pairs)}{extra}".encode()).hexdigest())
 
 
 def train_native(model, clip, vae, sigmas, latent: torch.Tensor, reward, config: R0Config, out_dir: str,
                  lora_path: str, overwrite: bool, callback):
     """One R0 run on a clone of `model`: (the clone with the trained LoRA applied, TrainResult)."""
     import comfy.model_management
-    import comfy.samplers
 
     check_target(lora_path, out_dir, overwrite)
     patcher = model.clone()
-    device = comfy.model_management.get_torch_device()
-    weights, shapes = add_native_lora(patcher, config, device)
+    weights, shapes = add_native_lora(patcher, config, comfy.model_management.get_torch_device())
+    encode = prompt_encoder(clip, config.prompts, config.guidance)
 
-    def save(out_dir_, path, cancelled, metadata):
-        return save_native_lora(weights, shapes, saved_name(path, cancelled), metadata)
+    def work(native: NativeModel):
+        generator = R0Generator(
+            trainable=weights, denoiser=native.denoiser, base=native.denoiser if config.cfg_reward_weight else None,
+            encode=lambda prompts, with_uncond: encode(prompts, with_uncond, native.device), decode=native.decode,
+            sigmas=native.sigmas, latent_shape=(config.batch_size, *latent.shape[1:]), start=native.start,
+            noise_scaling=native.noise_scaling,
+            alphas_cumprod=None if native.flow else 1 / (1 + native.sampling.sigmas.detach().double() ** 2),
+            save=lambda out_dir_, path, cancelled, metadata: save_native_lora(weights, shapes,
+                                                                             saved_name(path, cancelled), metadata))
+        accelerator = make_accelerator("no", native.device)   # the MODEL computes in the dtype ComfyUI gave it
+        return fit_r0(generator, reward, config, accelerator, out_dir, lora_path,
+                      native_fingerprint(config, native, weights, reward, str(tuple(latent.shape[1:]))), callback)
 
-    sampler = train_sampler(vae, reward, config, weights, prompt_encoder(clip, config.prompts, config.guidance),
-                            out_dir, lora_path, save, callback)
-    guider = comfy.samplers.CFGGuider(patcher)   # its conds load the MODEL; every batch brings its own prompts'
-    guider.set_conds(*(clip.encode_from_tokens_scheduled(clip.tokenize(t)) for t in (config.prompts[0], "")))
-    guider.set_cfg(config.guidance)
-    comfy.model_management.load_models_gpu([patcher], force_full_load=True)
-    empty = torch.zeros(1, *latent.shape[1:])
-    guider.sample(empty, empty, sampler, sigmas, seed=config.seed)
+    result = in_sampler(patcher, clip, vae, sigmas, latent, config.prompts[0], config.guidance, config.seed, work)
     for p in weights.params:
         p.requires_grad_(False)
-    return patcher, sampler.result
+    return patcher, result
 
 
 class R0TrainNative:

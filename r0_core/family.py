@@ -15,7 +15,7 @@ scale (`decode`, `encode`), the target of a diffusion loss (`diffusion_loss`), a
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -210,6 +210,33 @@ def training_timesteps(scheduler, n: int, gen: torch.Generator) -> torch.Tensor:
         sigma = flow_shift(torch.sigmoid(torch.randn(n, generator=gen)), scheduler.config.shift)
         return sigma * total
     return torch.randint(total, (n,), generator=gen)
+
+
+PREDICTIONS = ("epsilon", "v_prediction", "flow")
+
+
+def denoiser_diffusion_loss(model: Callable, latents: torch.Tensor, c: dict, noise: torch.Tensor,
+                            sigma: torch.Tensor, prediction: str) -> torch.Tensor:
+    """diffusion_loss for a σ-convention denoiser x̂0 = model(x, σ, **c) (a host application's model, e.g.
+    ComfyUI's): the same per-image MSE of the model's own training target, recovered from x̂0. With x = x0 + σ ε
+    (VP): ε̂ = (x − x̂0) / σ ("epsilon"), v̂ = (ε̂ − σ x̂0) / √(1 + σ²) against v = (ε − σ x0) / √(1 + σ²)
+    ("v_prediction"); with x = (1 − σ) x0 + σ ε ("flow"): the velocity ε̂ − x̂0 against ε − x0."""
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"prediction={prediction!r}; expected one of {', '.join(PREDICTIONS)}")
+    s = sigma.view(-1, *[1] * (latents.ndim - 1)).to(latents)
+    flow = prediction == "flow"
+    noisy = (flow_noise_scaling if flow else vp_noise_scaling)(s, noise, latents)
+    x0 = model(noisy, sigma, **c).to(latents)
+    if flow:
+        eps = (noisy - (1 - s) * x0) / s
+        prediction_, target = eps - x0, noise - latents
+    else:
+        eps = (noisy - x0) / s
+        prediction_, target = eps, noise
+        if prediction == "v_prediction":
+            scale = (1 + s ** 2).sqrt()
+            prediction_, target = (eps - s * x0) / scale, (noise - s * latents) / scale
+    return (prediction_.float() - target.float()).pow(2).flatten(1).mean(1)
 
 
 def diffusion_loss(pipe, model, latents: torch.Tensor, c: dict, noise: torch.Tensor,

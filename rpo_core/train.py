@@ -50,8 +50,8 @@ from r0_core.family import (backbone, conditional, conditioning, diffusion_loss,
 from r0_core.generate import generate
 from r0_core.rewards import LambdaHarmonic, RewardModel
 from r0_core.rewards.composite import lambda_harmonic
-from r0_core.train import (Trainable, check_target, freeze_encoders, make_accelerator, optimizer_step,
-                           run_fingerprint, run_iterations, save_curve, save_trained, share)
+from r0_core.train import (Trainable, TrainedWeights, check_target, freeze_encoders, make_accelerator,
+                           optimizer_step, run_fingerprint, run_iterations, save_curve, save_trained, share)
 
 from .dreambench import strip_token
 
@@ -226,19 +226,20 @@ def preference_labels(r_ref: torch.Tensor, r_gen: torch.Tensor, tau: float, gen:
     return torch.bernoulli(torch.sigmoid((r_ref - r_gen) / tau), generator=gen)
 
 
-def pair_noise(like: torch.Tensor, scheduler, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """One noise and one timestep per pair (`like`: one row per pair), so that the two halves of a pair differ
-    only in image and prompt and Δ measures the preference, not the luck of the draw."""
+def pair_noise(like: torch.Tensor, timesteps: Callable, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """One noise and one timestep per pair (`like`: one row per pair; timesteps(n, gen) draws training
+    timesteps), so that the two halves of a pair differ only in image and prompt and Δ measures the preference,
+    not the luck of the draw."""
     noise = torch.randn(like.shape, generator=gen).to(like)
-    t = training_timesteps(scheduler, len(like), gen).to(like.device)
+    t = timesteps(len(like), gen).to(like.device)
     return noise, t
 
 
-def pair_losses(pipe, model, ref_latents, gen_latents, c: dict, noise, t) -> torch.Tensor:
-    """ℓ of backbone `model` for the references then the negatives ([2B]), each pair under the same noise and
-    timestep; `c` holds the 2B rows of conditioning, the references' then the negatives'."""
-    return diffusion_loss(pipe, model, torch.cat([ref_latents, gen_latents]), c,
-                            torch.cat([noise, noise]), torch.cat([t, t]))
+def pair_losses(loss: Callable, net, ref_latents, gen_latents, c: dict, noise, t) -> torch.Tensor:
+    """ℓ = loss(net, latents, c, noise, t) (RPOModel.loss) for the references then the negatives ([2B]), each pair
+    under the same noise and timestep; `c` holds the 2B rows of conditioning, the references' then the
+    negatives'."""
+    return loss(net, torch.cat([ref_latents, gen_latents]), c, torch.cat([noise, noise]), torch.cat([t, t]))
 
 
 def preference_loss(delta: torch.Tensor, labels: torch.Tensor, beta: float) -> torch.Tensor:
@@ -246,20 +247,21 @@ def preference_loss(delta: torch.Tensor, labels: torch.Tensor, beta: float) -> t
     return -(labels * F.logsigmoid(beta * delta) + (1 - labels) * F.logsigmoid(-beta * delta)).mean()
 
 
-def sample(pipe, prompts: list[str], config: RPOConfig, seed: int,
+def sample(model: "RPOModel", prompts: list[str], config: RPOConfig, seed: int,
            per_prompt: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """per_prompt images for each prompt from the K-step sampler: (images [N,3,H,W] 0..1, scaled latents, prompts)."""
+    """per_prompt images for each prompt from the K-step sampler: (images [N,3,H,W] 0..1, latents as the loss
+    takes them, prompts)."""
     prompts = [p for p in prompts for _ in range(per_prompt)]
     with torch.no_grad():
-        images, latents = generate(pipe, prompts, steps=config.sampler_steps, guidance=config.guidance,
-                                   seeds=[seed + i for i in range(len(prompts))])
-    return images.float(), latents * pipe.vae.config.scaling_factor, prompts
+        images, latents = model.sample(prompts, [seed + i for i in range(len(prompts))], config.sampler_steps,
+                                       config.guidance)
+    return images.float(), latents, prompts
 
 
-def validate(pipe, config: RPOConfig, scorer: LambdaHarmonic, seed: int) -> dict:
+def validate(model: "RPOModel", config: RPOConfig, scorer: LambdaHarmonic, seed: int) -> dict:
     """Mean λ_val-Harmonic reward of fresh K-step samples of the validation prompts (token removed for text),
     with each image's two cosines so that any other λ can be scored later (validation_score)."""
-    images, _, prompts = sample(pipe, config.validation_prompts, config, seed, config.validation_images)
+    images, _, prompts = sample(model, config.validation_prompts, config, seed, config.validation_images)
     with torch.no_grad():
         image_cos, text_cos = scorer.cosines(images.to(scorer_device(scorer)), [config.strip(p) for p in prompts])
     return {"score": float(lambda_harmonic(image_cos, text_cos, scorer.lam).mean()),
@@ -285,22 +287,27 @@ def frozen_model(pipe, others: list, adapter: str, frozen_unet):
 
 # ----------------------------------------------------------------------------------------------- the trainer
 
-def check_inputs(pipe, references: torch.Tensor, config: RPOConfig) -> None:
-    """Everything about the inputs that can be refused before any work."""
+def check_references(references: torch.Tensor, size: Optional[int] = None) -> None:
+    """References are [N, 3, H, W] in 0..1, N >= 1, size x size pixels when the model trains at one size."""
     if references.ndim != 4 or references.shape[1] != 3 or len(references) < 1:
         raise ValueError(f"references have shape {tuple(references.shape)}; expected [N, 3, H, W] in 0..1 with "
                          f"N >= 1 (rpo_core.references.load_references makes that from image files)")
     checks.unit_range("references", references)
+    if size is not None and tuple(references.shape[-2:]) != (size, size):
+        raise ValueError(f"references are {references.shape[-2]}x{references.shape[-1]} pixels; this model trains at "
+                         f"{size}x{size}: fit them with rpo_core.references.load_references(..., size={size}) "
+                         f"(or fit(images, {size}))")
+
+
+def check_inputs(pipe, references: torch.Tensor, config: RPOConfig) -> None:
+    """Everything about the inputs that can be refused before any work."""
+    check_references(references)
     for what, prompts in (("prompts", config.prompts), ("validation_prompts", config.validation_prompts),
                           ("reference_prompt", [config.reference_prompt])):
         checks.prompts_fit(pipe.tokenizer, prompts, what)
     # a step denoises each pair's reference and negative (no decoder in the loss, but validation decodes)
     memory.images_per_chunk(pipe, 2 * config.batch_size, None, None, cfg=False, training=True, what="RPO training")
-    size = backbone(pipe).config.sample_size * pipe.vae_scale_factor
-    if tuple(references.shape[-2:]) != (size, size):
-        raise ValueError(f"references are {references.shape[-2]}x{references.shape[-1]} pixels; this model trains at "
-                         f"{size}x{size}: fit them with rpo_core.references.load_references(..., size={size}) "
-                         f"(or fit(images, {size}))")
+    check_references(references, backbone(pipe).config.sample_size * pipe.vae_scale_factor)
     if any(p.is_inference() for p in backbone(pipe).parameters()):
         raise ValueError("the pipeline's weights were made in torch.inference_mode(), so they cannot be trained; "
                          "load it outside inference mode (load_pipeline and the R0 Load Pipeline node do)")
@@ -322,9 +329,10 @@ class PreferenceData:
     prior_latents: Optional[torch.Tensor]
 
 
-def preference_data(pipe, config: RPOConfig, label_reward: LambdaHarmonic, references: torch.Tensor) -> PreferenceData:
+def preference_data(model: "RPOModel", config: RPOConfig, label_reward: LambdaHarmonic,
+                    references: torch.Tensor) -> PreferenceData:
     on = scorer_device(label_reward.encoder)
-    neg_images, neg_latents, neg_prompts = sample(pipe, config.prompts, config, config.seed * 100_003,
+    neg_images, neg_latents, neg_prompts = sample(model, config.prompts, config, config.seed * 100_003,
                                                   config.negatives_per_prompt)
     with torch.no_grad():
         n = len(references)
@@ -332,23 +340,24 @@ def preference_data(pipe, config: RPOConfig, label_reward: LambdaHarmonic, refer
                              [p for p in config.prompts for _ in range(n)]).cpu().view(-1, n).T
         prior_latents = None
         if config.prior_weight > 0:
-            _, prior_latents, _ = sample(pipe, [f"a {config.class_name}"], config, config.seed * 100_003 + 7919,
+            _, prior_latents, _ = sample(model, [f"a {config.class_name}"], config, config.seed * 100_003 + 7919,
                                          config.negatives_per_prompt * len(config.prompts))
-        embed = lambda texts: conditional(conditioning(pipe, texts, 1.0))  # noqa: E731
-        return PreferenceData(encode(pipe, references), neg_latents,
+        embed = model.conditioning
+        return PreferenceData(model.encode(references), neg_latents,
                               torch.tensor([config.prompts.index(p) for p in neg_prompts]), r_ref,
                               label_reward(neg_images.to(on), neg_prompts).cpu(), embed([config.reference_prompt]),
                               embed(config.prompts), embed([f"a {config.class_name}"]), prior_latents)
 
 
-def draw_pairs(data: PreferenceData, config: RPOConfig, scheduler, gen: torch.Generator, part: slice) -> dict:
+def draw_pairs(data: PreferenceData, config: RPOConfig, timesteps: Callable, gen: torch.Generator,
+               part: slice) -> dict:
     """A step's pairs (reference, negative), their labels, shared noise and timesteps, and prior-preservation
     images: drawn for the whole batch on every process, each keeping its share `part`."""
     total = config.batch_size
     i_ref = torch.randint(len(data.ref_latents), (total,), generator=gen)
     i_neg = torch.randint(len(data.neg_latents), (total,), generator=gen)
     labels = preference_labels(data.r_ref[i_ref, data.neg_prompt[i_neg]], data.r_gen[i_neg], config.tau, gen)
-    noise, t = pair_noise(data.ref_latents[i_ref], scheduler, gen)
+    noise, t = pair_noise(data.ref_latents[i_ref], timesteps, gen)
     prior = None
     if data.prior_latents is not None:
         prior = data.prior_latents[torch.randint(len(data.prior_latents), (total,), generator=gen)[part]]
@@ -358,23 +367,24 @@ def draw_pairs(data: PreferenceData, config: RPOConfig, scheduler, gen: torch.Ge
             "labels": labels[part], "noise": noise[part], "t": t[part], "cond": cond, "prior": prior}
 
 
-def rpo_loss(pipe, unet, frozen, pairs: dict, data: PreferenceData, config: RPOConfig) -> dict:
+def rpo_loss(model: "RPOModel", net, pairs: dict, data: PreferenceData, config: RPOConfig) -> dict:
     """L_sim (the references' diffusion loss: DreamBooth's), + L_pref (the labelled preference between each
-    reference and its negative, against the frozen model: `frozen()` enters it), + the prior-preservation loss."""
+    reference and its negative, against the frozen model: `model.frozen()` enters it), + the prior-preservation
+    loss. `net`: the trained backbone as model.loss takes it."""
     refs, gens, noise, t = pairs["refs"], pairs["gens"], pairs["noise"], pairs["t"]
     b = len(refs)
-    loss_theta = pair_losses(pipe, unet, refs, gens, pairs["cond"], noise, t)
+    loss_theta = pair_losses(model.loss, net, refs, gens, pairs["cond"], noise, t)
     l_sim = loss_theta[:b].mean()
     l_pref, beta_delta, l_prior = torch.zeros(()), torch.zeros(()), torch.zeros(())
     if config.preference:
-        with torch.no_grad(), frozen() as ref_unet:
-            loss_ref = pair_losses(pipe, ref_unet, refs, gens, pairs["cond"], noise, t)
+        with torch.no_grad(), model.frozen() as ref_net:
+            loss_ref = pair_losses(model.loss, ref_net, refs, gens, pairs["cond"], noise, t)
         delta = (loss_ref[:b] - loss_theta[:b]) - (loss_ref[b:] - loss_theta[b:])
         l_pref = preference_loss(delta, pairs["labels"].to(delta), config.beta)
         beta_delta = (config.beta * delta).detach().abs().mean()
     if pairs["prior"] is not None:
-        l_prior = config.prior_weight * diffusion_loss(pipe, unet, pairs["prior"].to(refs),
-                                                         take(data.class_cond, b), noise, t).mean()
+        l_prior = config.prior_weight * model.loss(net, pairs["prior"].to(refs), take(data.class_cond, b), noise,
+                                                   t).mean()
     return {"loss": l_sim + l_pref + l_prior, "l_sim": l_sim, "l_pref": l_pref, "beta_delta": beta_delta}
 
 
@@ -390,62 +400,128 @@ def save_rpo_curve(out_dir: str, history: list[dict], validations: list[dict], c
 
 
 @dataclass
-class RPORun:
-    """Everything an RPO step uses, made once by `prepare_rpo`."""
-    pipe: object
-    config: RPOConfig
-    accelerator: object
-    trainable: Trainable
-    optimizer: torch.optim.Optimizer
-    unet: torch.nn.Module                 # the backbone, as the accelerator wrapped it
-    data: PreferenceData
-    frozen: Callable                      # frozen() -> the model before training (a context manager)
-    val_reward: LambdaHarmonic
-    selection: Selection
-    part: slice                           # this process's rows of the global batch
+class RPOModel:
+    """What RPO trains through, whoever holds the model: `pipeline_model` makes it from a diffusers pipeline, the
+    pack's native-MODEL node from ComfyUI's MODEL, CLIP and VAE (the core never sees ComfyUI)."""
+    trainable: TrainedWeights       # the weights moved (Trainable, LowRankWeights)
+    net: object                     # the trained backbone as `loss` takes it (None: the host applies the weights)
+    loss: Callable                  # loss(net, latents, c, noise, t) -> per-image diffusion MSE [B]
+    frozen: Callable                # frozen() -> a context manager giving the pretrained `net`
+    timesteps: Callable             # timesteps(n, gen) -> n training timesteps, as the family was trained
+    sample: Callable                # sample(prompts, seeds, steps, guidance) -> (images [N,3,H,W] 0..1, latents)
+    encode: Callable                # images [N,3,H,W] 0..1 -> latents as `loss` takes them
+    conditioning: Callable          # texts -> their conditional conditioning (family.conditional's keys)
+    save: Callable                  # save(out_dir, lora_path, cancelled, metadata) -> the LoRA's path (or None)
+    train_module: Optional[torch.nn.Module] = None   # switched to train() while stepping, eval() to validate
+    finish: Optional[Callable] = None                # after the loop (the pipeline's: checkpointing off)
 
 
-def prepare_rpo(pipe, encoder: RewardModel, references: torch.Tensor, config: RPOConfig, accelerator, adapter: str,
-                out_dir: str) -> tuple[RPORun, str]:
-    """The preference data (made by the frozen model, before any weight moves), the trained weights on top of
-    the LoRAs already active, the optimizer and the validation selection; and the run's fingerprint."""
+def pipeline_model(pipe, config: RPOConfig, accelerator, adapter: str) -> RPOModel:
+    """A diffusers pipeline as an RPOModel: the trained weights (a LoRA adapter on top of the LoRAs already
+    active, or the whole backbone beside a frozen copy), and the pipeline's loss, sampler, VAE and text encoders."""
     freeze_encoders(pipe)
     net = backbone(pipe)
-    references = references.float().to(net.device)
-    on = scorer_device(encoder)
     others = [(n, w) for n, w in lora.active_loras(pipe) if n != adapter]
-    pictures = hashlib.sha256(references.cpu().numpy().tobytes()).hexdigest()
-    fingerprint = run_fingerprint(config, net, encoder, adapters=[n for n, _ in others], extra=f"{others}{pictures}")
-    data = preference_data(pipe, config, LambdaHarmonic(encoder, config.lambda_train, references.to(on)), references)
     frozen_unet = copy.deepcopy(net).requires_grad_(False).eval() if config.lora_rank == 0 else None
     trainable = Trainable(net, config, adapter)
     if not trainable.full:
         lora.use_loras(pipe, others + [(adapter, 1.0)])
     if config.gradient_checkpointing:
         net.enable_gradient_checkpointing()
-    optimizer = torch.optim.AdamW(trainable.params, lr=config.lr, weight_decay=1e-2)
-    unet, optimizer = accelerator.prepare(net, optimizer)
+    unet = accelerator.prepare(net)
+
+    def sample_images(prompts, seeds, steps, guidance):
+        images, latents = generate(pipe, prompts, steps=steps, guidance=guidance, seeds=seeds)
+        return images, latents * pipe.vae.config.scaling_factor
+
+    return RPOModel(
+        trainable=trainable, net=unet, loss=lambda model, *args: diffusion_loss(pipe, model, *args),
+        frozen=lambda: frozen_model(pipe, others, adapter, frozen_unet),
+        timesteps=lambda n, gen: training_timesteps(pipe.scheduler, n, gen), sample=sample_images,
+        encode=lambda images: encode(pipe, images),
+        conditioning=lambda texts: conditional(conditioning(pipe, texts, 1.0)),
+        save=lambda out_dir, lora_path, cancelled, metadata: save_trained(
+            pipe, trainable, accelerator, out_dir, lora_path, adapter, cancelled, metadata),
+        train_module=unet,
+        finish=net.disable_gradient_checkpointing if config.gradient_checkpointing else None)
+
+
+@dataclass
+class RPORun:
+    """Everything an RPO step uses, made once by `prepare_rpo`."""
+    model: RPOModel
+    config: RPOConfig
+    accelerator: object
+    optimizer: torch.optim.Optimizer
+    data: PreferenceData
+    val_reward: LambdaHarmonic
+    selection: Selection
+    part: slice                           # this process's rows of the global batch
+
+
+def reference_hash(references: torch.Tensor) -> str:
+    """What names the reference pictures in a run's fingerprint."""
+    return hashlib.sha256(references.float().cpu().numpy().tobytes()).hexdigest()
+
+
+def prepare_rpo(model: RPOModel, encoder: RewardModel, references: torch.Tensor, config: RPOConfig, accelerator,
+                out_dir: str) -> RPORun:
+    """The preference data (made by the frozen model, before any weight moves: the trained weights start as the
+    pretrained ones), the optimizer and the validation selection."""
+    on = scorer_device(encoder)
+    data = preference_data(model, config, LambdaHarmonic(encoder, config.lambda_train, references.to(on)), references)
+    optimizer = accelerator.prepare(torch.optim.AdamW(model.trainable.params, lr=config.lr, weight_decay=1e-2))
     keep_in = out_dir if config.keep_validated and accelerator.is_main_process else None   # one writer
-    run = RPORun(pipe, config, accelerator, trainable, optimizer, unet, data,
-                 lambda: frozen_model(pipe, others, adapter, frozen_unet),
-                 LambdaHarmonic(encoder, config.lambda_val, references.to(on)), Selection(trainable, keep_in),
-                 share(accelerator, config.batch_size))
-    return run, fingerprint
+    return RPORun(model, config, accelerator, optimizer, data,
+                  LambdaHarmonic(encoder, config.lambda_val, references.to(on)), Selection(model.trainable, keep_in),
+                  share(accelerator, config.batch_size))
 
 
 def rpo_step(run: RPORun, iteration: int, gen: torch.Generator) -> dict:
     """One RPO iteration: draw labelled pairs, step on L_sim + L_pref (+ prior), validate on schedule."""
-    config = run.config
-    pairs = draw_pairs(run.data, config, run.pipe.scheduler, gen, run.part)
-    run.unet.train()
+    config, model = run.config, run.model
+    pairs = draw_pairs(run.data, config, model.timesteps, gen, run.part)
+    if model.train_module is not None:
+        model.train_module.train()
     with run.accelerator.autocast():
-        losses = rpo_loss(run.pipe, run.unet, run.frozen, pairs, run.data, config)
-    optimizer_step(run.accelerator, run.trainable, run.optimizer, losses["loss"], 1.0)
+        losses = rpo_loss(model, model.net, pairs, run.data, config)
+    optimizer_step(run.accelerator, model.trainable, run.optimizer, losses["loss"], 1.0)
     if (iteration + 1) % config.validate_every == 0 or iteration + 1 == config.iterations:
-        run.unet.eval()
-        run.selection.update(iteration + 1, validate(run.pipe, config, run.val_reward, config.seed * 100_003 + 50_000))
+        if model.train_module is not None:
+            model.train_module.eval()
+        run.selection.update(iteration + 1, validate(model, config, run.val_reward, config.seed * 100_003 + 50_000))
     return {"iteration": iteration + 1, **{k: float(v.detach()) for k, v in losses.items()},
             "labels": float(pairs["labels"].mean())}
+
+
+def fit_rpo(model: RPOModel, encoder: RewardModel, references: torch.Tensor, config: RPOConfig, accelerator,
+            out_dir: str, lora_path: str, fingerprint: str,
+            callback: Optional[Callable[[dict], None]] = None) -> RPOResult:
+    """The RPO loop on any RPOModel: resume from out_dir if it holds the run `fingerprint` names, run the
+    iterations left with validation and selection, then keep the best validated weights and save them."""
+    os.makedirs(out_dir, exist_ok=True)
+    run = prepare_rpo(model, encoder, references, config, accelerator, out_dir)
+    selection = run.selection
+
+    def report(info: dict) -> None:
+        if callback is not None:
+            callback({**info, "validation": selection.validations[-1] if selection.validations else None})
+
+    history, cancelled = run_iterations(config, model.trainable, run.optimizer, accelerator, out_dir, fingerprint,
+                                        lambda iteration, gen: rpo_step(run, iteration, gen), report,
+                                        extra={"selection": selection})
+    best = selection.best
+    if model.train_module is not None:
+        model.train_module.eval()
+    if model.finish is not None:
+        model.finish()
+    if config.select_best and best["iteration"] > 0:
+        model.trainable.load_state_dict(best["weights"])  # keep the best validated weights, as RPO's selection does
+    curve = save_rpo_curve(out_dir, history, selection.validations, config, accelerator.is_main_process)
+    metadata = {"rpo_config": json.dumps(dataclasses.asdict(config), default=str),
+                "rpo_iteration": str(best["iteration"] if config.select_best else len(history))}
+    return RPOResult(model.save(out_dir, lora_path, cancelled, metadata), curve, best["iteration"], best["score"],
+                     history, selection.validations, cancelled)
 
 
 def train_rpo(pipe, encoder: RewardModel, references: torch.Tensor, config: RPOConfig, out_dir: str,
@@ -463,31 +539,14 @@ def train_rpo(pipe, encoder: RewardModel, references: torch.Tensor, config: RPOC
     accelerator = accelerator or make_accelerator(config.mixed_precision, backbone(pipe).device)
     lora_path = lora_path or os.path.join(out_dir, "rpo_lora.safetensors")
     check_target(lora_path, out_dir, overwrite)
-    os.makedirs(out_dir, exist_ok=True)
     with torch.inference_mode(False), torch.enable_grad():
-        run, fingerprint = prepare_rpo(pipe, encoder, references, config, accelerator, adapter, out_dir)
-        selection = run.selection
-
-        def report(info: dict) -> None:
-            if callback is not None:
-                callback({**info, "validation": selection.validations[-1] if selection.validations else None})
-
-        history, cancelled = run_iterations(config, run.trainable, run.optimizer, accelerator, out_dir, fingerprint,
-                                            lambda iteration, gen: rpo_step(run, iteration, gen), report,
-                                            extra={"selection": selection})
-        best = selection.best
-        run.unet.eval()
-        accelerator.unwrap_model(run.unet)
-        if config.gradient_checkpointing:
-            backbone(pipe).disable_gradient_checkpointing()
-        if config.select_best and best["iteration"] > 0:
-            run.trainable.load_state_dict(best["weights"])  # keep the best validated weights, as RPO's selection does
-        curve = save_rpo_curve(out_dir, history, selection.validations, config, accelerator.is_main_process)
-        metadata = {"rpo_config": json.dumps(dataclasses.asdict(config), default=str),
-                    "rpo_iteration": str(best["iteration"] if config.select_best else len(history))}
-        result_path = save_trained(pipe, run.trainable, accelerator, out_dir, lora_path, adapter, cancelled,
-                                   metadata)
-    return RPOResult(result_path, curve, best["iteration"], best["score"], history, selection.validations, cancelled)
+        net = backbone(pipe)
+        references = references.float().to(net.device)
+        others = [(n, w) for n, w in lora.active_loras(pipe) if n != adapter]
+        fingerprint = run_fingerprint(config, net, encoder, adapters=[n for n, _ in others],
+                                      extra=f"{others}{reference_hash(references)}")
+        model = pipeline_model(pipe, config, accelerator, adapter)
+        return fit_rpo(model, encoder, references, config, accelerator, out_dir, lora_path, fingerprint, callback)
 
 
 # ----------------------------------------------------------------------------------------------- command line

@@ -1,12 +1,14 @@
 """RPO trainer on the built-in tiny model and a built-in subject: the loss pieces, a short run end to end,
 DreamBooth mode, cancel and resume, full fine-tuning and bad input."""
 import dataclasses
+import functools
 import math
 
 import pytest
 import torch
 
 from r0_core import lora
+from r0_core.family import diffusion_loss, training_timesteps
 from r0_core.generate import generate
 from r0_core.loading import TINY, load_pipeline
 from r0_core.rewards import load_reward
@@ -60,10 +62,11 @@ def test_pairs_share_noise_and_timestep():
     pipe = load_pipeline(TINY)
     gen = torch.Generator().manual_seed(1)
     latents = torch.randn(3, 4, 8, 8, generator=gen)
-    noise, t = pair_noise(latents, pipe.scheduler, gen)
+    noise, t = pair_noise(latents, functools.partial(training_timesteps, pipe.scheduler), gen)
     cond = {"cond": pipe.encode_prompt(["a vum circle"] * 6, "cpu", 1, False)[0]}
     with torch.no_grad():
-        losses = pair_losses(pipe, pipe.unet, latents, latents.clone(), cond, noise, t)
+        losses = pair_losses(functools.partial(diffusion_loss, pipe), pipe.unet, latents, latents.clone(), cond,
+                             noise, t)
     # the same image and prompt in both halves of every pair: identical losses, so Δ = 0 (up to the last bits a
     # CPU kernel may round differently by batch row; different noise would differ by ~0.1)
     torch.testing.assert_close(losses[:3], losses[3:], rtol=0, atol=1e-6)
