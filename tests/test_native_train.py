@@ -3,6 +3,8 @@ node's own weight wrappers (SwitchedLoRA) to the tiny world's real UNet, as Comf
 r0_core.train.fit_r0 trains them: the first iteration is the pipeline trainer's, the weights move, switched off
 the model is the pretrained one, a cancelled run resumes to the same LoRA, and the file is in ComfyUI's format.
 (scripts/comfy_native_train.py runs the node itself in a real ComfyUI and loads the file with LoraLoader.)"""
+import dataclasses
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -136,3 +138,88 @@ def test_native_lora_trains_resumes_and_saves_in_comfyui_format(pipe, tmp_path):
     again = load_file(resumed.lora_path)
     assert len(resumed.history) == cfg.iterations
     assert all(torch.equal(again[k], tensors[k]) for k in tensors)
+
+
+@pytest.mark.parametrize("tiny", [TINY, "tiny-sd3"])
+def test_diffusion_loss_from_x0_is_the_models_own_training_loss(tiny):
+    """The native RPO loss recovers the model's target (v for the tiny world, the flow velocity for tiny-sd3) from
+    the σ-convention denoiser's x̂0: it equals the pipeline trainer's loss on the backbone's own output."""
+    pipe = load_pipeline(tiny, device="cpu", dtype=torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    shape = family.latent_shape(pipe, 3)
+    latents, noise = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    t = family.training_timesteps(pipe.scheduler, 3, gen)
+    c = family.conditional(family.conditioning(pipe, ["a red circle"] * 3, 1.0))
+    flow = family.is_flow(pipe)
+    if flow:
+        sigma, kind = t.float() / pipe.scheduler.config.num_train_timesteps, "flow"
+    else:
+        a = pipe.scheduler.alphas_cumprod
+        sigma, kind = ((1 - a) / a).sqrt()[t].float(), pipe.scheduler.config.get("prediction_type", "epsilon")
+    model = family.denoiser(pipe)
+    with torch.no_grad():
+        expected = family.diffusion_loss(pipe, family.backbone(pipe), latents, c, noise, t)
+        got = family.denoiser_diffusion_loss(lambda x, s, **k: model(x, s, **k, guidance=1.0), latents, c, noise,
+                                             sigma, kind)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="prediction='x0'"):
+        family.denoiser_diffusion_loss(model, latents, c, noise, sigma, "x0")
+
+
+def test_native_rpo_model_trains_like_the_pipeline_trainer_and_resumes(pipe, tmp_path):
+    """fit_rpo on an RPOModel whose LoRA is applied by weight wrappers (as the native node's): the first iteration
+    is the pipeline RPO trainer's, and a cancelled run resumes to the same LoRA."""
+    from functools import partial
+
+    from r0_core.generate import generate
+    from r0_core.tiny import subjects
+    from rpo_core.train import RPOConfig, RPOModel, default_prompts, fit_rpo, reference_hash, train_rpo
+
+    subject = subjects.SUBJECTS[0]
+    refs = torch.from_numpy(subjects.references(subject)).permute(0, 3, 1, 2).float()
+    encoder = load_reward("clip", TINY, device="cpu")
+    cfg = RPOConfig(token=subject.token, class_name=subject.shape, iterations=4, validate_every=2, batch_size=2,
+                    negatives_per_prompt=1, validation_images=1, checkpoint_every=2, mixed_precision="no",
+                    prompts=default_prompts(subject.token, subject.shape, tiny=True)[:2])
+    with torch.inference_mode(False):
+        reference = train_rpo(load_pipeline(TINY, device="cpu", dtype=torch.float32), encoder, refs,
+                              dataclasses.replace(cfg, iterations=1), str(tmp_path / "pipeline")).history[0]
+
+    def sample(pipe, prompts, seeds, steps, guidance):
+        images, latents = generate(pipe, prompts, steps=steps, guidance=guidance, seeds=seeds)
+        return images, latents * pipe.vae.config.scaling_factor
+
+    def run(pipe, out_dir, callback=None):
+        for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+            module.requires_grad_(False)
+        weights, shapes = add_native_lora(Patcher(pipe.unet), cfg, "cpu")
+        a = pipe.scheduler.alphas_cumprod
+        sigmas = ((1 - a) / a).sqrt().float()
+        model = family.denoiser(pipe)
+        rpo = RPOModel(
+            trainable=weights, net=None, frozen=weights.switched_off,
+            loss=lambda net, latents, c, noise, t: family.denoiser_diffusion_loss(
+                partial(model, guidance=1.0), latents, c, noise, sigmas[t], "v_prediction"),
+            timesteps=lambda n, gen: family.training_timesteps(pipe.scheduler, n, gen),
+            sample=partial(sample, pipe),
+            encode=lambda images: family.encode(pipe, images),
+            conditioning=lambda texts: family.conditional(family.conditioning(pipe, texts, 1.0)),
+            save=lambda out_dir_, path, cancelled, metadata: save_native_lora(weights, shapes,
+                                                                             saved_name(path, cancelled), metadata))
+        fingerprint = run_fingerprint(cfg, pipe.unet, encoder, extra=reference_hash(refs))
+        return fit_rpo(rpo, encoder, refs, cfg, make_accelerator("no", torch.device("cpu")), str(out_dir),
+                       str(out_dir / "rpo.safetensors"), fingerprint, callback)
+
+    def stop(info):
+        if info["i"] == 0:
+            raise Cancelled
+    with torch.inference_mode(False):
+        whole = run(pipe, tmp_path / "whole")
+        cancelled = run(load_pipeline(TINY, device="cpu", dtype=torch.float32), tmp_path / "resumed", stop)
+        resumed = run(load_pipeline(TINY, device="cpu", dtype=torch.float32), tmp_path / "resumed")
+    for key in ("l_sim", "l_pref", "labels", "loss"):
+        assert whole.history[0][key] == pytest.approx(reference[key], abs=1e-5), key
+    assert [v["iteration"] for v in whole.validations] == [2, 4] and whole.best_iteration in (2, 4)
+    assert cancelled.cancelled and len(resumed.history) == cfg.iterations
+    a, b = load_file(whole.lora_path), load_file(resumed.lora_path)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
