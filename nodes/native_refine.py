@@ -22,7 +22,7 @@ from r0_core.test_time import FrozenGenerator, refine
 from . import bridge
 from .r0_nodes import renoise_sampler
 from .reward_nodes import REWARD
-from .train_nodes import REFINE_SETTINGS
+from .train_nodes import REFINE_SETTINGS, check_sigmas
 
 logger = logging.getLogger(__name__)
 
@@ -135,8 +135,7 @@ class R0TestTimeRefineNative:
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError(f"prompt={prompt!r}: the reward needs the text to score the images against; give the "
                              f"positive prompt")
-        if len(sigmas) < 2:
-            raise ValueError(f"sigmas has {len(sigmas)} value(s); give at least two (R0 Sigmas with steps >= 1)")
+        check_sigmas(sigmas)
         latent = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
         noise = comfy.sample.prepare_noise(latent, noise_seed, latent_image.get("batch_index"))
         sampler = refine_sampler(vae, reward_model, [prompt.strip()] * len(latent), eta=eta, iterations=iterations,

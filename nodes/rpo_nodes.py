@@ -15,7 +15,7 @@ from rpo_core.train import RPOConfig, default_prompts, train_rpo
 from . import bridge
 from .r0_nodes import PIPELINE
 from .reward_nodes import REWARD
-from .train_nodes import read_png, train_into, with_lora
+from .train_nodes import read_png, stop_if_cancelled, train_into, with_lora
 
 logger = logging.getLogger(__name__)   # ComfyUI shows INFO records in its console
 TINY_PREFIX = "tiny/"   # the built-in tiny world's subjects, listed beside the input folder's sub-folders
@@ -128,10 +128,7 @@ class RPOTrain:
         name, result = train_into("RPO Train", "rpo", save_name, overwrite, lambda name, lora_path, out_dir, replace:
                                   train_rpo(pipe, encoder, refs, config, out_dir, lora_path,
                                             bridge.cancellable_progress(steps), adapter=name, overwrite=replace))
-        if result.cancelled:
-            logger.info(f"[RPO Train] cancelled after {len(result.history)} of {steps} steps; the best LoRA so far "
-                        f"(step {result.best_iteration}) saved to {result.lora_path}; queue again to resume")
-            bridge.interrupt()
+        stop_if_cancelled("RPO Train", result, steps, f"the best LoRA so far (step {result.best_iteration})")
         logger.info(f"[RPO Train] best λ_val={lambda_val} validation {result.best_score:.4f} at step "
                     f"{result.best_iteration}; LoRA {result.lora_path}")
         return (with_lora(pipeline, name, 1.0), result.lora_path or "", read_png(result.curve_path))

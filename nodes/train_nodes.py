@@ -67,6 +67,21 @@ def train_into(node: str, family: str, save_name: str, overwrite: bool, run):
     raise FileExistsError(f"save_name={save_name!r}: {base} and 998 numbered names are taken; choose another")
 
 
+def check_sigmas(sigmas) -> None:
+    """A native node's SIGMAS: at least one step."""
+    if len(sigmas) < 2:
+        raise ValueError(f"sigmas has {len(sigmas)} value(s); give at least two (R0 Sigmas with steps >= 1)")
+
+
+def stop_if_cancelled(node: str, result, steps: int, kept: str = "partial LoRA") -> None:
+    """After a trainer node's run: when Cancel stopped it, say what was kept and where, and end the prompt as
+    ComfyUI's interrupt does (the node's outputs are not passed on)."""
+    if result.cancelled:
+        logger.info(f"[{node}] cancelled after {len(result.history)} of {steps} steps; {kept} saved to "
+                    f"{result.lora_path}; queue again to resume")
+        bridge.interrupt()
+
+
 def read_png(path: str) -> torch.Tensor:
     from PIL import Image
 
@@ -149,10 +164,7 @@ class R0Train:
         name, result = train_into("R0 Train", "r0", save_name, overwrite, lambda name, lora_path, out_dir, replace:
                                   train_r0(pipe, reward_model, config, out_dir, lora_path,
                                            bridge.cancellable_progress(steps), adapter=name, overwrite=replace))
-        if result.cancelled:
-            logger.info(f"[R0 Train] cancelled after {len(result.history)} of {steps} steps; partial LoRA saved to "
-                        f"{result.lora_path}; queue again to resume")
-            bridge.interrupt()
+        stop_if_cancelled("R0 Train", result, steps)
         return (with_lora(pipeline, name, 1.0), result.lora_path, read_png(result.curve_path))
 
 

@@ -13,21 +13,12 @@ ComfyUI's own `comfy.sd.load_lora_for_models` (what LoraLoader runs) on the same
 model (`comfy.supported_models`). Writes benchmarks/results/comfy_lora_keys.json and .md.
 """
 import json
-import logging
 import os
 import subprocess
-import sys
 import tempfile
 
+from in_comfyui import PACK, Messages  # noqa: I001  (first: it imports ComfyUI as its server does)
 import torch
-
-PACK = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.getcwd())
-sys.path.insert(1, PACK)
-sys.argv[1:] = ["--cpu"]   # ComfyUI parses its command line when imported, if told to
-from comfy_logs import Messages  # noqa: E402  (beside this script)
-import comfy.options  # noqa: E402
-comfy.options.enable_args_parsing()
 
 import comfy.model_patcher  # noqa: E402
 import comfy.sd  # noqa: E402
@@ -117,12 +108,8 @@ def check(family: str, settings: dict) -> dict:
         modules = our_lora(family, settings["diffusers"], path)
         file = comfy.utils.load_torch_file(path, safe_load=True)
     patcher = comfy_model(name, unet_config)
-    messages = Messages()
-    logging.getLogger().addHandler(messages)
-    try:
+    with Messages() as messages:
         patched, _ = comfy.sd.load_lora_for_models(patcher, None, file, 1.0, 0.0)
-    finally:
-        logging.getLogger().removeHandler(messages)
     key_map = comfy.lora.model_lora_keys_unet(patcher.model, {})
     before = {k: v.clone() for k, v in patcher.model.state_dict().items()}
     patched.patch_model()
@@ -144,7 +131,7 @@ def check(family: str, settings: dict) -> dict:
         compared += 1
     worst = max(float((after[name] - weight).abs().max()) for name, weight in expected.items())
     patched.unpatch_model()
-    not_loaded = [m for m in messages.lines if "not loaded" in m.lower()]
+    not_loaded = messages.not_loaded()
     return {"family": family, "lora_modules": modules, "mapped": compared, "patched": len(patched.patches),
             "not_loaded": not_loaded, "max_weight_error": worst}
 

@@ -10,37 +10,21 @@ Checked, with and without the pack's R0 LoRA applied through ComfyUI's LoraLoade
 - Cancel: ComfyUI's interrupt during the refinement returns the best images reached, without an error.
 Writes benchmarks/results/comfy_native_refine.json and .md; exits 1 if a check fails.
 """
-import asyncio
 import os
 import sys
 
+import in_comfyui as harness  # noqa: I001  (first: it imports ComfyUI as its server does)
 import torch
 
-torch.set_num_threads(1)   # small; the machine's other core belongs to other jobs
-PACK = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.getcwd())
-sys.argv[1:] = ["--cpu"]
-import comfy.options  # noqa: E402
-comfy.options.enable_args_parsing()
-
-import comfy.model_management  # noqa: E402
-import comfy.utils  # noqa: E402
+import comfy_extras.nodes_custom_sampler as custom  # noqa: E402
 import nodes  # noqa: E402
 
-asyncio.run(nodes.load_custom_node(PACK))
 from r0_core.tiny import oracle  # noqa: E402
-import comfy_extras.nodes_custom_sampler as custom  # noqa: E402
 
-NODES = nodes.NODE_CLASS_MAPPINGS
+PACK, NODES, run = harness.PACK, harness.NODES, harness.run
 LORA = "tiny-r0-lora.safetensors"
 PROMPT = "a red circle above a blue square"
 SEED, CFG, ITERATIONS, BATCH = 3, 2.0, 8, 4
-
-
-def run(cls, *args, **kwargs):
-    node = NODES[cls]()
-    with torch.inference_mode():   # as ComfyUI's executor runs every node
-        return getattr(node, node.FUNCTION)(*args, **kwargs)
 
 
 def sampler_custom(model, positive, negative, vae, sigmas, latent):
@@ -81,23 +65,9 @@ def case(label, model, clip, vae, reward):
 def cancel_case(model, vae, reward, inputs):
     """Interrupt after the third iteration, as the Cancel button does: the node returns its best so far."""
     positive, negative, latent, sigmas = inputs
-    calls = []
-
-    def hook(value, total, preview, node_id=None):
-        calls.append(value)
-        if value == 3:
-            comfy.model_management.interrupt_current_processing(True)
-        comfy.model_management.throw_exception_if_processing_interrupted()
-    comfy.utils.set_progress_bar_global_hook(hook)
-    try:
-        refined, initial, _ = run("R0TestTimeRefineNative", model, positive, negative, vae, sigmas, latent, SEED,
-                                  CFG, 0.0, reward, PROMPT, ITERATIONS, 5.0)
-        error = None
-    except Exception as e:   # noqa: BLE001  reported, not raised
-        error = f"{type(e).__name__}: {e}"
-    finally:
-        comfy.utils.set_progress_bar_global_hook(None)
-        comfy.model_management.interrupt_current_processing(False)
+    out, error, calls = harness.queued("R0TestTimeRefineNative", model, positive, negative, vae, sigmas, latent,
+                                       SEED, CFG, 0.0, reward, PROMPT, ITERATIONS, 5.0, hook=harness.cancel_at(3))
+    refined = None if out is None else out[0]
     return {"progress_calls": len(calls), "error": error, "returned_images": None if error else list(refined.shape)}
 
 

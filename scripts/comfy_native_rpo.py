@@ -13,51 +13,25 @@ Checked:
   same LoRA, bit for bit, as the uninterrupted run.
 Writes benchmarks/results/comfy_native_rpo.json and .md; exits 1 if a check fails.
 """
-import asyncio
 import json
-import logging
 import os
 import shutil
 import sys
 
+import in_comfyui as harness  # noqa: I001  (first: it imports ComfyUI as its server does)
 import torch
 
-torch.set_num_threads(1)   # small; the machine's other core belongs to other jobs
-PACK = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.getcwd())
-sys.argv[1:] = ["--cpu"]
-import comfy.options  # noqa: E402
-comfy.options.enable_args_parsing()
-
-import comfy.model_management  # noqa: E402
-import comfy.utils  # noqa: E402
+import comfy_extras.nodes_custom_sampler as custom  # noqa: E402
 import folder_paths  # noqa: E402
 import nodes  # noqa: E402
 
-asyncio.run(nodes.load_custom_node(PACK))
 from r0_core.tiny import protocol  # noqa: E402
-import comfy_extras.nodes_custom_sampler as custom  # noqa: E402
 
-NODES = nodes.NODE_CLASS_MAPPINGS
+PACK, NODES, run = harness.PACK, harness.NODES, harness.run
 SUBJECT = "tiny/ring_circle"          # token vum, class circle
 TOKEN, CLASS = "vum", "circle"
 STEPS, VALIDATE_EVERY, SEED, CANCEL_AT, BETA, LR = 12, 6, 0, 5, 0.5, 1e-4
 PROMPT = "a vum circle above a red circle"
-
-
-class Warnings(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.messages = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
-def run(cls, *args, **kwargs):
-    node = NODES[cls]()
-    with torch.inference_mode():   # as ComfyUI's executor runs every node
-        return getattr(node, node.FUNCTION)(*args, **kwargs)
 
 
 def sample(model, clip, vae, sigmas, seed=11):
@@ -72,23 +46,9 @@ def sample(model, clip, vae, sigmas, seed=11):
 
 
 def train(model, clip, vae, sigmas, latent, refs, encoder, save_name, hook=None):
-    calls = []
-
-    def progress(value, total, preview, node_id=None):
-        calls.append(value)
-        if hook is not None:
-            hook(value)
-        comfy.model_management.throw_exception_if_processing_interrupted()
-    comfy.utils.set_progress_bar_global_hook(progress)
-    try:
-        out = run("RPOTrainNative", model, clip, vae, sigmas, latent, refs, encoder, TOKEN, CLASS, "", STEPS, 0.5,
-                  BETA, 1.0, LR, 8, VALIDATE_EVERY, SEED, save_name, True, 2.0)
-        return out, None, calls
-    except comfy.model_management.InterruptProcessingException as e:
-        return None, type(e).__name__, calls
-    finally:
-        comfy.utils.set_progress_bar_global_hook(None)
-        comfy.model_management.interrupt_current_processing(False)
+    """RPO Train (native MODEL) as ComfyUI runs it: (outputs or None, the interrupt's error, progress values)."""
+    return harness.queued("RPOTrainNative", model, clip, vae, sigmas, latent, refs, encoder, TOKEN, CLASS, "", STEPS,
+                          0.5, BETA, 1.0, LR, 8, VALIDATE_EVERY, SEED, save_name, True, 2.0, hook=hook)
 
 
 def pipeline_first_iteration(encoder, refs) -> dict:
@@ -135,21 +95,15 @@ def main():
     tensors = load_file(lora_path)
     keys_ok = all(k.startswith("diffusion_model.") and k.endswith((".lora_up.weight", ".lora_down.weight", ".alpha"))
                   for k in tensors)
-    catcher = Warnings()
-    logging.getLogger().addHandler(catcher)
-    try:
+    with harness.Messages() as messages:
         loaded, _ = run("LoraLoader", model, clip, os.path.basename(lora_path), 1.0, 1.0)
         with_loader = sample(loaded, clip, vae, sigmas)
-    finally:
-        logging.getLogger().removeHandler(catcher)
-    not_loaded = [m for m in catcher.messages if "not loaded" in m]
+    not_loaded = messages.not_loaded()
     with_node = sample(patched, clip, vae, sigmas)
     base_after = sample(model, clip, vae, sigmas)
 
-    def cancel(value):
-        if value == CANCEL_AT:
-            comfy.model_management.interrupt_current_processing(True)
-    _, cancel_error, cancel_calls = train(model, clip, vae, sigmas, latent, refs, encoder, names[1], hook=cancel)
+    _, cancel_error, cancel_calls = train(model, clip, vae, sigmas, latent, refs, encoder, names[1],
+                                          hook=harness.cancel_at(CANCEL_AT))
     partial_exists = os.path.exists(os.path.join(loras, f"{names[1]}_partial.safetensors"))
     (_, resumed_path, _), resume_error, resume_calls = train(model, clip, vae, sigmas, latent, refs, encoder, names[1])
     resumed = load_file(resumed_path)

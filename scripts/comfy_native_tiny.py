@@ -10,20 +10,11 @@ the same trailing grid) with our R0 sampler at η = 0, through to VAEDecode's im
 through `comfy.sd.load_lora_for_models` (what LoraLoader runs) against the same LoRA on our pipeline.
 Writes benchmarks/results/comfy_native_tiny.json and .md; exits 1 if a difference is over its tolerance.
 """
-import asyncio
-import logging
 import os
 import sys
 
+import in_comfyui as harness  # noqa: I001  (first: it imports ComfyUI as its server does)
 import torch
-
-torch.set_num_threads(1)   # the check is small; the machine's cores belong to other jobs
-PACK = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.getcwd())
-sys.argv[1:] = ["--cpu"]   # ComfyUI parses its command line when imported, if told to
-from comfy_logs import Messages  # noqa: E402  (beside this script)
-import comfy.options  # noqa: E402
-comfy.options.enable_args_parsing()
 
 import comfy.model_management  # noqa: E402
 import comfy.sample  # noqa: E402
@@ -32,13 +23,13 @@ import comfy.sd  # noqa: E402
 import comfy.utils  # noqa: E402
 import nodes  # noqa: E402
 
-asyncio.run(nodes.load_custom_node(PACK))   # as the server imports custom_nodes/<pack>
 from r0_core import family, lora  # noqa: E402
 from r0_core.generate import generate  # noqa: E402
 from r0_core.loading import load_pipeline  # noqa: E402
 from r0_core.sampler import sample_r0, seeded_noise  # noqa: E402
 from r0_core.schedule import r0_sigmas  # noqa: E402
 
+PACK = harness.PACK
 LORA = os.path.join(PACK, "r0_core", "tiny", "weights", "tiny-r0-lora.safetensors")
 PROMPTS = ["a red circle on the left", "a blue square above a green triangle", "a yellow triangle at the bottom",
            "a purple circle right of a red square"]
@@ -148,15 +139,11 @@ def sampling_rows(pipe, model, clip, vae, label):
 
 
 def load_lora(model, clip):
-    messages = Messages()
-    logging.getLogger().addHandler(messages)
-    try:
+    with harness.Messages() as messages:
         file = comfy.utils.load_torch_file(LORA, safe_load=True)
         patched, patched_clip = comfy.sd.load_lora_for_models(model, clip, file, 1.0, 1.0)
-    finally:
-        logging.getLogger().removeHandler(messages)
     modules = len({k.rsplit(".", 2)[0] for k in file})
-    not_loaded = [m for m in messages.lines if "not loaded" in m.lower()]
+    not_loaded = messages.not_loaded()
     return patched, patched_clip, {"lora_modules": modules, "patched_weights": len(patched.patches),
                                    "not_loaded": not_loaded}
 

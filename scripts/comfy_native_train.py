@@ -14,32 +14,21 @@ Checked:
   again reuses it (no iteration runs).
 Writes benchmarks/results/comfy_native_train.json and .md; exits 1 if a check fails.
 """
-import asyncio
 import json
-import logging
 import os
 import shutil
 import sys
 
+import in_comfyui as harness  # noqa: I001  (first: it imports ComfyUI as its server does)
 import torch
 
-torch.set_num_threads(1)   # small; the machine's other core belongs to other jobs
-PACK = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.getcwd())
-sys.argv[1:] = ["--cpu"]
-import comfy.options  # noqa: E402
-comfy.options.enable_args_parsing()
-
-import comfy.model_management  # noqa: E402
-import comfy.utils  # noqa: E402
+import comfy_extras.nodes_custom_sampler as custom  # noqa: E402
 import folder_paths  # noqa: E402
 import nodes  # noqa: E402
 
-asyncio.run(nodes.load_custom_node(PACK))
 from r0_core.tiny import protocol  # noqa: E402
-import comfy_extras.nodes_custom_sampler as custom  # noqa: E402
 
-NODES = nodes.NODE_CLASS_MAPPINGS
+PACK, NODES, run = harness.PACK, harness.NODES, harness.run
 PROMPTS = ["a red circle above a blue square", "a green triangle left of a yellow circle", "a blue square",
            "a yellow triangle below a red square"]
 HELD_OUT = ["a red square above a green circle", "a blue circle left of a yellow square", "a green circle",
@@ -47,21 +36,6 @@ HELD_OUT = ["a red square above a green circle", "a blue circle left of a yellow
 STEPS, BATCH, SEED, CANCEL_AT, IMAGES = 24, 4, 0, 10, 4
 SETTINGS = dict(lr=1e-3, lora_rank=8, reg_weight=0.1, eta_min=0.0, eta_max=1.0, mode="r0", seed=SEED,
                 batch_size=BATCH, guidance=1.0)
-
-
-class Warnings(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.messages = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
-def run(cls, *args, **kwargs):
-    node = NODES[cls]()
-    with torch.inference_mode():   # as ComfyUI's executor runs every node
-        return getattr(node, node.FUNCTION)(*args, **kwargs)
 
 
 def sample(model, clip, vae, sigmas, prompts, seed=7):
@@ -81,23 +55,8 @@ def sample(model, clip, vae, sigmas, prompts, seed=7):
 
 def train(model, clip, vae, sigmas, latent, reward, save_name, hook=None):
     """R0 Train (native MODEL) as ComfyUI runs it: (outputs or None, the interrupt's error, progress values)."""
-    calls = []
-
-    def progress(value, total, preview, node_id=None):
-        calls.append(value)
-        if hook is not None:
-            hook(value)
-        comfy.model_management.throw_exception_if_processing_interrupted()
-    comfy.utils.set_progress_bar_global_hook(progress)
-    try:
-        out = run("R0TrainNative", model, clip, vae, sigmas, latent, reward, "\n".join(PROMPTS), STEPS,
-                  save_name=save_name, cfg_reward_weight=0.5, **SETTINGS)
-        return out, None, calls
-    except comfy.model_management.InterruptProcessingException as e:
-        return None, type(e).__name__, calls
-    finally:
-        comfy.utils.set_progress_bar_global_hook(None)
-        comfy.model_management.interrupt_current_processing(False)
+    return harness.queued("R0TrainNative", model, clip, vae, sigmas, latent, reward, "\n".join(PROMPTS), STEPS,
+                          save_name=save_name, cfg_reward_weight=0.5, hook=hook, **SETTINGS)
 
 
 def pipeline_first_iteration(reward, native_first: dict) -> dict:
@@ -166,14 +125,10 @@ def main():
     tensors = lora_tensors(lora_path)
     keys_ok = all(k.startswith("diffusion_model.") and k.endswith((".lora_up.weight", ".lora_down.weight", ".alpha"))
                   for k in tensors)
-    catcher = Warnings()
-    logging.getLogger().addHandler(catcher)
-    try:
+    with harness.Messages() as messages:
         loaded, _ = run("LoraLoader", model, clip, os.path.basename(lora_path), 1.0, 1.0)
         with_loader = sample(loaded, clip, vae, sigmas, HELD_OUT)
-    finally:
-        logging.getLogger().removeHandler(catcher)
-    not_loaded = [m for m in catcher.messages if "not loaded" in m]
+    not_loaded = messages.not_loaded()
     with_node = sample(patched, clip, vae, sigmas, HELD_OUT)
     base_after = sample(model, clip, vae, sigmas, HELD_OUT)
     with torch.no_grad():
@@ -183,10 +138,8 @@ def main():
     picture = save_picture(base_before, with_node)
 
     # Cancel at CANCEL_AT, then queue again: resumes, and ends where the uninterrupted run ended
-    def cancel(value):
-        if value == CANCEL_AT:
-            comfy.model_management.interrupt_current_processing(True)
-    _, cancel_error, cancel_calls = train(model, clip, vae, sigmas, latent, reward, names[1], hook=cancel)
+    _, cancel_error, cancel_calls = train(model, clip, vae, sigmas, latent, reward, names[1],
+                                          hook=harness.cancel_at(CANCEL_AT))
     partial = os.path.join(loras, f"{names[1]}_partial.safetensors")
     partial_exists = os.path.exists(partial)
     (_, resumed_path, _), resume_error, resume_calls = train(model, clip, vae, sigmas, latent, reward, names[1])
