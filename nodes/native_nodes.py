@@ -185,10 +185,12 @@ def native_model(pipe, folder: str, dtype, load_device, offload_device):
     return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
 
 
-def _clip_target(text_config: dict, tokenizer_dir: str):
-    """ComfyUI's SD-1.x tokenizer and CLIP-L text model classes at the tiny encoder's sizes."""
+def tiny_clip_classes(text_config: dict, tokenizer_dir: str, key: str = "clip_l", **text_model_options):
+    """ComfyUI's SDTokenizer and SDClipModel classes at a tiny encoder's sizes (its token count, width and token
+    table) with its special tokens; key: the encoder's name in ComfyUI (clip_l, clip_g); text_model_options:
+    SDClipModel's (layer, layer_idx, layer_norm_hidden_state, return_projected_pooled) as the family's own CLIP
+    classes set them."""
     import comfy.sd1_clip as sd1
-    import comfy.supported_models_base
 
     special = clip_special_tokens(text_config)
     length, width, vocab = (text_config["max_position_embeddings"], text_config["hidden_size"],
@@ -197,18 +199,40 @@ def _clip_target(text_config: dict, tokenizer_dir: str):
     class Tokenizer(sd1.SDTokenizer):
         def __init__(self, embedding_directory=None, tokenizer_data={}):
             super().__init__(tokenizer_dir, max_length=length, embedding_directory=embedding_directory,
-                             embedding_size=width, embedding_key="clip_l", tokenizer_data=tokenizer_data)
-
-    class Tokenizers(sd1.SD1Tokenizer):
-        def __init__(self, embedding_directory=None, tokenizer_data={}):
-            super().__init__(embedding_directory, tokenizer_data, tokenizer=Tokenizer)
+                             embedding_size=width, embedding_key=key, tokenizer_data=tokenizer_data)
 
     class TextModel(sd1.SDClipModel):
         def __init__(self, device="cpu", dtype=None, model_options={}):
             super().__init__(device=device, max_length=length, textmodel_json_config=dict(text_config), dtype=dtype,
-                             special_tokens=special, return_projected_pooled=False, model_options=model_options)
+                             special_tokens=special, model_options={**model_options, "model_name": key},
+                             **text_model_options)
             # ComfyUI sizes the token table for CLIP-L's 49408 tokens, whatever the config says
             self.transformer.set_input_embeddings(self.operations.Embedding(vocab, width, dtype=dtype, device=device))
+
+    return Tokenizer, TextModel
+
+
+def text_weights(text_encoder) -> dict[str, torch.Tensor]:
+    """A transformers CLIP text encoder's weights under the keys ComfyUI's SDClipModel loads; one without a
+    projection gets the identity (its pooled output is then unprojected)."""
+    from r0_core.convert import text_encoder_to_original
+
+    weights = {k if k.startswith("text_projection.") else f"text_model.{k}": v
+               for k, v in text_encoder_to_original(text_encoder).items()}
+    weights.setdefault("text_projection.weight", torch.eye(text_encoder.config.hidden_size))
+    return weights
+
+
+def _clip_target(text_config: dict, tokenizer_dir: str):
+    """ComfyUI's SD-1.x tokenizer and CLIP-L text model classes at the tiny encoder's sizes."""
+    import comfy.sd1_clip as sd1
+    import comfy.supported_models_base
+
+    Tokenizer, TextModel = tiny_clip_classes(text_config, tokenizer_dir, return_projected_pooled=False)
+
+    class Tokenizers(sd1.SD1Tokenizer):
+        def __init__(self, embedding_directory=None, tokenizer_data={}):
+            super().__init__(embedding_directory, tokenizer_data, tokenizer=Tokenizer)
 
     class TextModels(sd1.SD1ClipModel):
         def __init__(self, device="cpu", dtype=None, model_options={}, **kwargs):
@@ -222,16 +246,13 @@ def native_clip(pipe, folder: str, dtype, load_device, offload_device):
     (after the final layer norm) as our pipeline's encode_prompt returns it."""
     import comfy.sd
 
-    from r0_core.convert import text_encoder_to_original
-
     text_config = pipe.text_encoder.config.to_dict()
     options = {"load_device": load_device, "offload_device": offload_device, "initial_device": offload_device}
     if dtype is not None:
         options["dtype"] = dtype
     clip = comfy.sd.CLIP(_clip_target(text_config, os.path.join(folder, "tokenizer")), model_options=options)
-    weights = {f"text_model.{k}": v for k, v in text_encoder_to_original(pipe.text_encoder).items()}
     # ours has no projection (CLIPTextModel); pooled output is unused by SD-1.x models, keep it unprojected
-    weights["text_projection.weight"] = torch.eye(text_config["hidden_size"])
+    weights = text_weights(pipe.text_encoder)
     missing, unexpected = clip.load_sd(weights)
     if missing or unexpected:
         raise ValueError(f"text encoder weights do not fit ComfyUI's CLIP: missing {missing}, unexpected "

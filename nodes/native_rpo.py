@@ -21,9 +21,9 @@ from rpo_core.references import image_batch
 from rpo_core.train import RPOConfig, RPOModel, check_references, default_prompts, fit_rpo, reference_hash
 
 from . import bridge
-from .native_train import NativeModel, add_native_lora, in_sampler, native_fingerprint, prompt_encoder, \
-    save_native_lora
-from .train_nodes import read_png, train_into
+from .native_train import (PRECISION, NativeModel, add_native_lora, in_sampler, native_fingerprint, prompt_encoder,
+                           save_native_lora, training_precision)
+from .train_nodes import check_sigmas, read_png, stop_if_cancelled, train_into
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def rpo_native(model, clip, vae, sigmas, latent: torch.Tensor, encoder, referenc
         refs = references.to(native.device)
         fingerprint = native_fingerprint(config, native, weights, encoder,
                                          f"{tuple(latent.shape[1:])}{reference_hash(refs)}")
-        return fit_rpo(rpo, encoder, refs, config, make_accelerator("no", native.device), out_dir, lora_path,
+        return fit_rpo(rpo, encoder, refs, config, make_accelerator(config.mixed_precision, native.device), out_dir, lora_path,
                        fingerprint, callback)
 
     result = in_sampler(patcher, clip, vae, sigmas, latent, config.reference_prompt, config.guidance, config.seed,
@@ -144,6 +144,7 @@ class RPOTrainNative:
             **pipeline_inputs["optional"],
             "lora_targets": (["all", "attention"], {"tooltip": "all: every matrix and kernel (RPO's default); "
                                                                "attention: the attention blocks' matrices"}),
+            PRECISION[0]: PRECISION[1],
         }}
 
     @classmethod
@@ -152,18 +153,18 @@ class RPOTrainNative:
 
     def train(self, model, clip, vae, sigmas, latent_image, references, encoder, token, class_name, prompts, steps,
               lambda_val, beta, tau, lr, lora_rank, validate_every, seed, save_name, preference, guidance,
-              overwrite=False, lora_targets="all"):
+              overwrite=False, lora_targets="all", mixed_precision="auto"):
         import comfy.sample
 
-        if len(sigmas) < 2:
-            raise ValueError(f"sigmas has {len(sigmas)} value(s); give at least two (R0 Sigmas with steps >= 1)")
+        check_sigmas(sigmas)
         lines = [p.strip() for p in prompts.splitlines() if p.strip()]
         tiny = getattr(model.model, "r0_world", None) is not None
         lines = lines or default_prompts(token.strip(), class_name.strip(), tiny=tiny)
         config = RPOConfig(token=token.strip(), class_name=class_name.strip(), prompts=lines, iterations=steps,
                            lambda_val=lambda_val, beta=beta, tau=tau, lr=lr, lora_rank=lora_rank,
                            lora_targets=lora_targets, validate_every=validate_every, seed=seed, preference=preference,
-                           sampler_steps=len(sigmas) - 1, guidance=guidance, mixed_precision="no")
+                           sampler_steps=len(sigmas) - 1, guidance=guidance,
+                           mixed_precision=training_precision(mixed_precision))
         latent = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
         side = latent.shape[-1] * vae.downscale_ratio if isinstance(vae.downscale_ratio, int) else None
         refs = image_batch(references, side)
@@ -173,11 +174,8 @@ class RPOTrainNative:
             lambda name, lora_path, out_dir, replace: rpo_native(
                 model, clip, vae, sigmas, latent, encoder, refs, config, out_dir, lora_path, replace,
                 bridge.cancellable_progress(steps)))
-        if result.cancelled:
-            logger.info(f"[RPO Train (native MODEL)] cancelled after {len(result.history)} of {steps} steps; the best "
-                        f"LoRA so far (step {result.best_iteration}) saved to {result.lora_path}; queue again to "
-                        f"resume")
-            bridge.interrupt()
+        stop_if_cancelled("RPO Train (native MODEL)", result, steps,
+                          f"the best LoRA so far (step {result.best_iteration})")
         logger.info(f"[RPO Train (native MODEL)] best λ_val={lambda_val} validation {result.best_score:.4f} at step "
                     f"{result.best_iteration}; LoRA {result.lora_path}")
         return (patched, result.lora_path, read_png(result.curve_path))

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 from dataclasses import dataclass
 from typing import Callable
 
@@ -22,15 +21,23 @@ import torch
 
 from r0_core.files import atomic_write
 from r0_core.train import (LowRankWeights, R0Config, R0Generator, check_target, fit_r0, make_accelerator,
-                           run_fingerprint, saved_name)
+                           resolve_precision, run_fingerprint, saved_name)
 
 from . import bridge
 from .native_refine import thawed, vae_decoder
-from .train_nodes import read_png, train_into
-
-logger = logging.getLogger(__name__)
+from .train_nodes import check_sigmas, read_png, stop_if_cancelled, train_into
 
 TARGETS = ("attention", "all")
+PRECISION = ("mixed_precision", (["auto", "no", "bf16"], {
+    "default": "auto", "tooltip": "autocast of the training computation: auto = bf16 on a CUDA GPU that has it, "
+                                  "else none (the MODEL's own dtype); the LoRA's own weights stay fp32"}))
+
+
+def training_precision(choice: str) -> str:
+    """The trainers' one "auto" rule (r0_core.train.resolve_precision) on ComfyUI's torch device."""
+    import comfy.model_management
+
+    return resolve_precision(choice, comfy.model_management.get_torch_device().type)
 
 
 def adapted_layers(model: torch.nn.Module, targets: str) -> dict[str, torch.nn.Module]:
@@ -237,7 +244,7 @@ def train_native(model, clip, vae, sigmas, latent: torch.Tensor, reward, config:
             alphas_cumprod=None if native.flow else 1 / (1 + native.sampling.sigmas.detach().double() ** 2),
             save=lambda out_dir_, path, cancelled, metadata: save_native_lora(weights, shapes,
                                                                              saved_name(path, cancelled), metadata))
-        accelerator = make_accelerator("no", native.device)   # the MODEL computes in the dtype ComfyUI gave it
+        accelerator = make_accelerator(config.mixed_precision, native.device)
         return fit_r0(generator, reward, config, accelerator, out_dir, lora_path,
                       native_fingerprint(config, native, weights, reward, str(tuple(latent.shape[1:]))), callback)
 
@@ -279,6 +286,7 @@ class R0TrainNative:
                if k in ("cfg_reward_weight", "eta_per_image", "ema_decay", "overwrite")},
             "lora_targets": (list(TARGETS), {"tooltip": "attention: the attention blocks' matrices; all: every "
                                                         "matrix and kernel (a bigger file)"}),
+            PRECISION[0]: PRECISION[1],
         }}
 
     @classmethod
@@ -287,16 +295,16 @@ class R0TrainNative:
 
     def train(self, model, clip, vae, sigmas, latent_image, reward_model, prompts, steps, lr, lora_rank, reg_weight,
               eta_min, eta_max, mode, seed, save_name, batch_size, guidance, cfg_reward_weight=0.0,
-              eta_per_image=False, ema_decay=0.0, overwrite=False, lora_targets="attention"):
+              eta_per_image=False, ema_decay=0.0, overwrite=False, lora_targets="attention", mixed_precision="auto"):
         import comfy.sample
 
-        if len(sigmas) < 2:
-            raise ValueError(f"sigmas has {len(sigmas)} value(s); give at least two (R0 Sigmas with steps >= 1)")
+        check_sigmas(sigmas)
         config = R0Config(prompts=[p.strip() for p in prompts.splitlines() if p.strip()], iterations=steps, lr=lr,
                           lora_rank=lora_rank, lora_targets=lora_targets, reg_weight=reg_weight,
                           eta_range=(eta_min, eta_max), mode=mode, seed=seed, batch_size=batch_size,
                           steps=len(sigmas) - 1, guidance=guidance, cfg_reward_weight=cfg_reward_weight,
-                          eta_per_image=eta_per_image, ema_decay=ema_decay, mixed_precision="no")
+                          eta_per_image=eta_per_image, ema_decay=ema_decay,
+                          mixed_precision=training_precision(mixed_precision))
         if reward_model is None and not cfg_reward_weight:
             raise ValueError("reward_model is empty and cfg_reward_weight is 0: nothing to maximise; connect a "
                              "Reward Loader (or Reward Combine), or set cfg_reward_weight > 0")
@@ -306,10 +314,7 @@ class R0TrainNative:
             lambda name, lora_path, out_dir, replace: train_native(
                 model, clip, vae, sigmas, latent, reward_model, config, out_dir, lora_path, replace,
                 bridge.cancellable_progress(steps)))
-        if result.cancelled:
-            logger.info(f"[R0 Train (native MODEL)] cancelled after {len(result.history)} of {steps} steps; partial "
-                        f"LoRA saved to {result.lora_path}; queue again to resume")
-            bridge.interrupt()
+        stop_if_cancelled("R0 Train (native MODEL)", result, steps)
         return (patched, result.lora_path, read_png(result.curve_path))
 
 

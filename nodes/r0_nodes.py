@@ -187,7 +187,8 @@ def parse_timesteps(text: str) -> Optional[list[int]]:
 
 
 class R0Sigmas:
-    DESCRIPTION = "SIGMAS for the R0 sampler: K uniform timesteps from the last, or an explicit list, then 0."
+    DESCRIPTION = ("SIGMAS for the R0 sampler: K uniform timesteps from the last, or an explicit list, then 0; on a "
+                   "flow MODEL (SD3, Flux) K steps as the pipelines' flow scheduler spaces them.")
     CATEGORY = "R0"
     RETURN_TYPES = ("SIGMAS",)
     FUNCTION = "get_sigmas"
@@ -202,8 +203,22 @@ class R0Sigmas:
         }}
 
     def get_sigmas(self, model, steps, timesteps):
-        table = model.get_model_object("model_sampling").sigmas
-        return (r0_sigmas(table, steps, parse_timesteps(timesteps)),)
+        import comfy.model_sampling
+
+        sampling = model.get_model_object("model_sampling")
+        explicit = parse_timesteps(timesteps)
+        if isinstance(sampling, comfy.model_sampling.CONST) and explicit is None:
+            return (flow_model_sigmas(sampling, steps),)
+        return (r0_sigmas(sampling.sigmas, steps, explicit),)
+
+
+def flow_model_sigmas(sampling, steps: int) -> torch.Tensor:
+    """K levels of a flow MODEL as diffusers' FlowMatchEulerDiscreteScheduler spaces them (r0_core's
+    flow_sigmas, the pipelines' schedule): timesteps evenly spaced between those of its largest and smallest σ,
+    each taken through the MODEL's own shift (sampling.sigma: SD3's, Flux's), then 0."""
+    ends = sampling.timestep(torch.stack([sampling.sigma_max, sampling.sigma_min]).double())
+    sigmas = sampling.sigma(torch.linspace(float(ends[0]), float(ends[1]), steps, dtype=torch.float64))
+    return torch.cat([sigmas, sigmas.new_zeros(1)]).float()
 
 
 NODE_CLASS_MAPPINGS = {

@@ -363,8 +363,15 @@ def resolve_precision(mixed_precision: str, device_type: str) -> str:
 def make_accelerator(mixed_precision: str, device: torch.device):
     """An accelerate Accelerator for a trainer on `device`, with resolve_precision's rule."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
 
-    return Accelerator(mixed_precision=resolve_precision(mixed_precision, device.type), cpu=device.type == "cpu")
+    precision = resolve_precision(mixed_precision, device.type)
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") != precision and PartialState().num_processes == 1:
+        # accelerate keeps one precision per process, but a long-lived host (ComfyUI's server) runs trainers with
+        # different ones in turn: start its state afresh (a launched multi-process run keeps its own)
+        AcceleratorState._reset_state()
+    return Accelerator(mixed_precision=precision, cpu=device.type == "cpu")
 
 
 def saved_name(lora_path: str, cancelled: bool) -> str:

@@ -6,7 +6,7 @@ import torch
 
 from r0_core.denoisers import FlowDenoiser
 from r0_core.sampler import flow_noise_scaling, sample_r0
-from r0_core.schedule import flow_sigmas
+from r0_core.schedule import flow_shift, flow_sigmas
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +30,31 @@ def test_flow_sigmas_equal_diffusers(steps, shift):
     theirs = scheduler(shift)
     theirs.set_timesteps(steps)
     assert torch.allclose(flow_sigmas(steps, shift), theirs.sigmas, atol=1e-6)
+
+
+class ComfyFlowSampling:
+    """The interface of ComfyUI's flow model_sampling (ModelSamplingDiscreteFlow): σ(t) = shift(t / 1000) over
+    1000 levels, t(σ) = 1000 σ."""
+
+    def __init__(self, shift):
+        self.shift = shift
+        self.sigmas = self.sigma(torch.arange(1, 1001, dtype=torch.float64)).float()
+        self.sigma_min, self.sigma_max = self.sigmas[0], self.sigmas[-1]
+
+    def sigma(self, timestep):
+        return flow_shift(timestep / 1000, self.shift)
+
+    def timestep(self, sigma):
+        return sigma * 1000
+
+
+@pytest.mark.parametrize("steps, shift", [(4, 3.0), (8, 1.0), (1, 3.0)])
+def test_r0_sigmas_node_on_a_flow_model_follows_the_pipelines_schedule(steps, shift):
+    from nodes.r0_nodes import flow_model_sigmas
+
+    theirs = scheduler(shift)
+    theirs.set_timesteps(steps)
+    assert torch.allclose(flow_model_sigmas(ComfyFlowSampling(shift), steps), theirs.sigmas, atol=1e-6)
 
 
 @pytest.mark.parametrize("eta, guidance", [(0.0, 1.0), (1.0, 1.0), (0.0, 3.0), (1.0, 3.0)])

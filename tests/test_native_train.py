@@ -223,3 +223,10 @@ def test_native_rpo_model_trains_like_the_pipeline_trainer_and_resumes(pipe, tmp
     assert cancelled.cancelled and len(resumed.history) == cfg.iterations
     a, b = load_file(whole.lora_path), load_file(resumed.lora_path)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_trainers_of_different_precisions_run_in_one_process():
+    """ComfyUI's server is one process: a bf16 run after a full-precision one, and back, each gets its own
+    precision (accelerate keeps one per process)."""
+    for precision in ("no", "bf16", "no"):
+        assert make_accelerator(precision, torch.device("cpu")).mixed_precision == precision
