@@ -68,6 +68,15 @@ def sdxl_time_ids(pipe, pooled: torch.Tensor, height: int, width: int) -> torch.
     return ids.repeat(len(pooled), 1)
 
 
+def prompt_options(pipe) -> dict:
+    """What the family's pipeline must be told to encode prompts as `conditioning` does: SD3 without T5 gets no
+    rows in T5's place, as ComfyUI's SD3 CLIP gives them (diffusers' default adds 256 zero rows, which cost a small
+    model most of its time)."""
+    if is_flow(pipe) and getattr(pipe, "text_encoder_3", None) is None:
+        return {"max_sequence_length": 0}
+    return {}
+
+
 def conditioning(pipe, prompts: list[str], guidance: float, height: Optional[int] = None,
                  width: Optional[int] = None, with_uncond: bool = False) -> dict:
     """The denoiser's keyword arguments for these prompts, for any family: `cond` and `uncond` (None when
@@ -80,7 +89,7 @@ def conditioning(pipe, prompts: list[str], guidance: float, height: Optional[int
     if is_flow(pipe):
         cond, uncond, pooled, uncond_pooled = pipe.encode_prompt(
             prompt=prompts, prompt_2=None, prompt_3=None, device=device, num_images_per_prompt=1,
-            do_classifier_free_guidance=wanted)
+            do_classifier_free_guidance=wanted, **prompt_options(pipe))
         extra = {"cond": cond, "uncond": None, "added_cond": {"pooled_projections": pooled}}
         if wanted:
             extra.update(uncond=uncond, uncond_added_cond={"pooled_projections": uncond_pooled})

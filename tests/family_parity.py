@@ -4,7 +4,8 @@ shipped tiny model draws the world."""
 import numpy as np
 import torch
 
-from r0_core.family import conditioning, denoiser, is_flow, noise_scaling, sampler_sigmas, start_latents
+from r0_core.family import (conditioning, denoiser, is_flow, noise_scaling, prompt_options, sampler_sigmas,
+                             start_latents)
 from r0_core.sampler import sample_r0
 
 PROMPTS = ["a red circle on the left", "a blue square above a yellow triangle"]
@@ -20,7 +21,7 @@ def check_eta_0_is_diffusers(pipe, guidance: float, latent_side: int, pixels: in
         pipe.scheduler = DDIMScheduler.from_config(scheduler.config, set_alpha_to_one=True)
     try:
         theirs = pipe(PROMPTS, num_inference_steps=4, guidance_scale=guidance, latents=z.clone(), height=pixels,
-                      width=pixels, output_type="latent").images
+                      width=pixels, output_type="latent", **prompt_options(pipe)).images
     finally:
         pipe.scheduler = scheduler
     sigmas = sampler_sigmas(pipe, 4)

@@ -1,5 +1,5 @@
-"""SD3 (rectified flow) on the shipped tiny SD3 model of the world (tiny-sd3; it draws the world's colours but not
-yet its shapes, see build_info.json): few-step generation equals diffusers' own pipeline at η = 0; R0 (with the implicit CFG reward), test-time R0 and
+"""SD3 (rectified flow) on the shipped tiny SD3 model of the world (tiny-sd3): it draws the world; few-step
+generation equals diffusers' own pipeline at η = 0; R0 (with the implicit CFG reward), test-time R0 and
 RPO (flow-matching loss) train on it through the same code as the UNet families; R0's LoRA file loads in diffusers'
 SD3 pipeline and through load_lora; and the model written as one single file loads back to the same images."""
 import copy
@@ -11,12 +11,17 @@ import torch
 
 from r0_core.generate import generate
 from r0_core.loading import TINY, TINY_FAMILIES, load_pipeline
-from tests.family_parity import PROMPTS, check_eta_0_is_diffusers
+from tests.family_parity import PROMPTS, check_eta_0_is_diffusers, one_object_accuracy
 
 
 @pytest.fixture(scope="module")
 def pipe():
     return load_pipeline("tiny-sd3", device="cpu", dtype=torch.float32)
+
+
+def test_the_tiny_sd3_model_draws_the_world(pipe):
+    assert type(pipe).__name__ == "StableDiffusion3Pipeline"
+    assert one_object_accuracy(pipe) >= 0.6
 
 
 def test_the_tiny_sd3_model_as_one_single_file_loads_to_the_same_images(pipe, tmp_path):
