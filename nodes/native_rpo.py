@@ -103,8 +103,8 @@ def rpo_native(model, clip, vae, sigmas, latent: torch.Tensor, encoder, referenc
         refs = references.to(native.device)
         fingerprint = native_fingerprint(config, native, weights, encoder,
                                          f"{tuple(latent.shape[1:])}{reference_hash(refs)}")
-        return fit_rpo(rpo, encoder, refs, config, make_accelerator(config.mixed_precision, native.device), out_dir, lora_path,
-                       fingerprint, callback)
+        accelerator = make_accelerator(config.mixed_precision, native.device)
+        return fit_rpo(rpo, encoder, refs, config, accelerator, out_dir, lora_path, fingerprint, callback)
 
     result = in_sampler(patcher, clip, vae, sigmas, latent, config.reference_prompt, config.guidance, config.seed,
                         work)

@@ -77,17 +77,21 @@ def sample_r0(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: Optional
                          f"[{steps}, {len(x)}] (one per step and image)")
     noise_sampler = noise_sampler or (lambda sigma, sigma_next: torch.randn_like(x))
     s_in = x.new_ones([x.shape[0]])
-    for i in trange(steps, disable=disable):
+    # what each step branches on, as Python values read once rather than a tensor read per step
+    last = (sigmas[1:] == 0).tolist()
+    renoise = (etas > 0).reshape(steps, -1).any(dim=1).tolist()
+    for i in range(steps) if disable is True else trange(steps, disable=disable):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = model(x, sigma * s_in, **extra_args)              # 1. x̂0
-        if sigma_next == 0:
+        if last[i]:
             x = denoised                                              # last step: the clean prediction
         else:
             eps = (x - noise_scaling(sigma, torch.zeros_like(x), denoised)) / sigma   # 2. ε̂ implied by x̂0
-            e = etas[i].to(x).view(-1, *[1] * (x.ndim - 1)) if per_image else float(etas[i])
-            noise = noise_sampler(sigma, sigma_next) if (etas[i] > 0).any() else 0.0
-            keep = (1 - e * e).sqrt() if per_image else math.sqrt(1 - e * e)
-            x = noise_scaling(sigma_next, keep * eps + e * noise, denoised)   # 3. re-noise with η
+            if renoise[i]:                                            # 3. re-noise with η
+                e = etas[i].to(x).view(-1, *[1] * (x.ndim - 1)) if per_image else float(etas[i])
+                keep = (1 - e * e).sqrt() if per_image else math.sqrt(1 - e * e)
+                eps = keep * eps + e * noise_sampler(sigma, sigma_next)
+            x = noise_scaling(sigma_next, eps, denoised)              # (η = 0: DDIM, or the flow Euler step)
         if callback is not None:
             callback({"i": i, "x": x, "sigma": sigma, "sigma_next": sigma_next, "denoised": denoised})
     return x

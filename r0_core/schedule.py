@@ -2,6 +2,7 @@
 with σ_t = sqrt((1 - ᾱ_t) / ᾱ_t). Samplers work on x0 + σ ε; denoisers translate back to timesteps."""
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence
 
 import torch
@@ -60,6 +61,12 @@ def flow_sigmas(steps: int, shift: float = 1.0, num_train_timesteps: int = 1000)
         raise ValueError(f"steps={steps}; expected at least 1")
     if not shift > 0:
         raise ValueError(f"shift={shift}; expected a positive number (SD3 uses 3.0)")
+    return _flow_sigmas(steps, float(shift), num_train_timesteps).clone()
+
+
+@functools.lru_cache(maxsize=64)
+def _flow_sigmas(steps: int, shift: float, num_train_timesteps: int) -> torch.Tensor:
+    # made once per schedule: rebuilding it is a visible share of a few-step call on a small model
     top, bottom = flow_shift(torch.tensor([1.0, 1 / num_train_timesteps], dtype=torch.float64), shift)
     sigmas = flow_shift(torch.linspace(float(top), float(bottom), steps, dtype=torch.float64), shift)
     return torch.cat([sigmas, sigmas.new_zeros(1)]).float()

@@ -29,7 +29,7 @@ spec = importlib.util.spec_from_file_location("r0_pack", os.path.join(PACK, "__i
                                               submodule_search_locations=[PACK])
 sys.modules["r0_pack"] = pack = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(pack)
-from r0_pack.nodes.r0_nodes import comfy_sample_r0  # noqa: E402
+from r0_pack.nodes.r0_nodes import comfy_sample_r0, flow_model_sigmas  # noqa: E402
 from r0_core.schedule import r0_sigmas  # noqa: E402
 
 
@@ -72,7 +72,8 @@ def main():
         sampling = model_sampling(kind)
         model = as_ksampler_model(denoise, sampling)
         for steps in (1, 4, 8):
-            sigmas = r0_sigmas(sampling.sigmas, steps)
+            # what R0 Sigmas gives on such a MODEL
+            sigmas = flow_model_sigmas(sampling, steps) if kind == "flow" else r0_sigmas(sampling.sigmas, steps)
             start = sampling.noise_scaling(sigmas[0], torch.randn(2, 4, 16, 16), torch.zeros(2, 4, 16, 16))
             with torch.no_grad():
                 for eta, theirs_fn in ((0.0, sampling_fn("euler")), (1.0, sampling_fn("lcm"))):
@@ -87,7 +88,8 @@ def main():
     except ImportError:
         comfy_version = "unknown"
     lines = [f"The R0 Sampler node's function against ComfyUI {comfy_version}'s own samplers on the same sigmas "
-             f"(R0 Sigmas of each model's table) and noise (seed 5); a random conv denoiser; batch 2, 4×16×16.", "",
+             f"(R0 Sigmas of each model: uniform timesteps of the ε table, the flow schedule at the flow model's "
+             f"shift) and noise (seed 5); a random conv denoiser; batch 2, 4×16×16.", "",
              "| model sampling | K | η | ComfyUI sampler | max abs difference | sample std |", "|---|---|---|---|---|---|"]
     names = {"eps": "ε (ModelSamplingDiscrete, EPS)", "flow": "flow (ModelSamplingDiscreteFlow shift 3, CONST)"}
     lines += [f"| {names[r['model']]} | {r['steps']} | {r['eta']:g} | {r['comfy']} | {r['max_abs_diff']:.1e} | "
